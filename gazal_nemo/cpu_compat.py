@@ -2,7 +2,7 @@
 
 megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()` as a
 device argument, the CUDA RNG state calls of its RNG tracker, `torch.cuda.synchronize`,
-`Tensor.cuda()` and tensor factories called with `device="cuda"`. Tests and the CPU demo
+`Tensor.cuda()`, `Tensor.type()` name checks and tensor factories called with `device="cuda"`. Tests and the CPU demo
 need the real megatron modules, so instead of forking them we redirect exactly those
 calls to the CPU, once, when no GPU is present. Nothing here is active on a CUDA machine.
 
@@ -58,6 +58,22 @@ class _VirtualCudaRng:
         self.generator.manual_seed(int(seed))
 
 
+_DENSE_FLOAT_TYPES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"}
+
+
+def _cuda_named_type(original_type):
+    """megatron's optimizers check `param.type() == 'torch.cuda.FloatTensor'`; answer as CUDA would."""
+
+    @functools.wraps(original_type)
+    def type_(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if not args and not kwargs and name in _DENSE_FLOAT_TYPES:
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    return type_
+
+
 def enable_cpu_megatron() -> bool:
     """Patch CUDA-only calls to CPU equivalents when CUDA is absent; returns whether patched."""
     global _ENABLED
@@ -85,6 +101,7 @@ def enable_cpu_megatron() -> bool:
         return _original_to(self, *args, **kwargs)
 
     torch.Tensor.to = _to
+    torch.Tensor.type = _cuda_named_type(torch.Tensor.type)
 
     from megatron.core.tensor_parallel import random as mrandom
 

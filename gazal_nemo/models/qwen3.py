@@ -187,11 +187,69 @@ def transformer_config(shape: Qwen3Shape, *, tp: int = 1, pp: int = 1, params_dt
     return config
 
 
+class PositionAwareRotary(torch.nn.Module):
+    """RoPE that honours per-token position ids (packed documents restart at 0).
+
+    megatron's GPTModel computes RoPE for positions 0..S-1 whatever `position_ids` says;
+    TE's THD path fixes that with cu_seqlens, the torch spec needs the gather done here.
+    The [S, B, 1, D] result broadcasts in megatron's rotary application like [S, 1, 1, D].
+    """
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.position_ids = None
+
+    def get_rotary_seq_len(self, *args, **kwargs):
+        return self.inner.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len, *args, **kwargs):
+        out = self.inner(max_seq_len, *args, **kwargs)
+        if self.position_ids is None:
+            return out
+        emb, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        emb_SB1D = emb[:, 0, 0, :][self.position_ids.t()].unsqueeze(2)
+        return (emb_SB1D, *rest) if rest is not None else emb_SB1D
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class Qwen3GPTModel(GPTModel):
+        """GPTModel whose RoPE follows `position_ids` when they are not simply 0..S-1."""
+
+        def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+            rotary = getattr(self, "rotary_pos_emb", None)
+            packed = (
+                isinstance(rotary, PositionAwareRotary) and position_ids is not None
+                and kwargs.get("inference_context") is None and kwargs.get("packed_seq_params") is None
+                and not torch.equal(position_ids, _arange_like(position_ids))
+            )
+            if packed:
+                rotary.position_ids = position_ids
+            try:
+                return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+            finally:
+                if packed:
+                    rotary.position_ids = None
+
+    return Qwen3GPTModel
+
+
+def _arange_like(position_ids):
+    return torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids)
+
+
 def build_qwen3(shape: Qwen3Shape, config, *, use_te: bool | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, vp_stage: int | None = None):
     """A GPTModel for this pipeline stage (stage flags default to megatron's parallel state)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     if use_te is None:
         use_te = transformer_engine_available()
@@ -199,7 +257,7 @@ def build_qwen3(shape: Qwen3Shape, config, *, use_te: bool | None = None, pre_pr
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    return GPTModel(
+    model = _gpt_model_class()(
         config=config,
         transformer_layer_spec=layer_spec(shape, use_te=use_te),
         vocab_size=shape.vocab_size,
@@ -212,3 +270,6 @@ def build_qwen3(shape: Qwen3Shape, config, *, use_te: bool | None = None, pre_pr
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    if hasattr(model, "rotary_pos_emb"):
+        model.rotary_pos_emb = PositionAwareRotary(model.rotary_pos_emb)
+    return model

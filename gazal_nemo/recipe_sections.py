@@ -1,0 +1,133 @@
+"""Recipe sections owned by the trainer core: model, parallelism, precision, optimiser,
+schedule, checkpoints, logging. Defaults are the paper's SFT values (Appendix A.1)
+where the paper gives one; GRPO recipes override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model to train and where its weights come from."""
+
+    hf_path: str
+    """Hugging Face Qwen3 folder or hub id: architecture, tokenizer and (unless megatron_ckpt) weights."""
+    megatron_ckpt: str | None = None
+    """Megatron dist checkpoint to start from (made by `gazal convert hf-to-megatron`); faster at scale."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split over GPUs; tp*pp*cp must divide the world size."""
+
+    tp: int = 1
+    """Tensor-parallel size (heads, kv groups, ffn and vocab must divide by it)."""
+    pp: int = 1
+    """Pipeline-parallel size (layers must divide by it)."""
+    cp: int = 1
+    """Context-parallel size (needs Transformer Engine)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TE norms; ignored at tp=1)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self):
+        for key in ("tp", "pp", "cp"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"parallel.{key}={getattr(self, key)}; allowed: integers >= 1")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Numeric formats."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Parameter/compute dtype (paper: bfloat16)."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """Transformer Engine FP8 format for linear layers (H100); None disables FP8."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine FP8 scaling recipe."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["exadam", "adamw"] = "exadam"
+    """EXAdam as in the paper; AdamW for comparison."""
+    lr: float = 2e-5
+    """Peak learning rate (paper SFT 2e-5, GRPO 1e-6)."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Cosine (SFT) or constant (GRPO), both after linear warmup."""
+    warmup_ratio: float = 0.05
+    """Fraction of steps spent in linear warmup (paper SFT 0.05, GRPO 0.0)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (paper: 0.1)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    exadam_step_size_schedule: bool = False
+    """EXAdam's ln(sqrt(2)*sqrt(t+1)) step scaling from the paper's first version (off in the authors' later code)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}; allowed: > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio={self.warmup_ratio}; allowed: 0 <= x < 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Batching and run length."""
+
+    seed: int = 3407
+    """Seed for init, data order and dropout (paper SFT 3407)."""
+    micro_batch_size: int = 1
+    """Sequences per GPU per forward (packed to seq_length)."""
+    global_batch_size: int = 128
+    """Sequences per optimizer step over all data-parallel ranks (paper: 128)."""
+    seq_length: int = 8192
+    """Tokens per (packed) sequence (paper: 8192)."""
+    epochs: int = 1
+    """Passes over the data (paper: 1)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run the epochs)."""
+    recompute: Literal["none", "selective", "full"] = "full"
+    """Activation recompute (paper: gradient checkpointing on)."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("train.micro_batch_size and train.global_batch_size must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and how often checkpoints are written."""
+
+    dir: str = "runs/checkpoints"
+    """Folder of step checkpoints (step_000100/ ...)."""
+    save_every: int = 100
+    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep the newest K step checkpoints."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in dir if there is one."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Where metrics go."""
+
+    dir: str = "runs/logs"
+    """metrics.jsonl and TensorBoard events are written here."""
+    tensorboard: bool = True
+    """Write TensorBoard events when the tensorboard package is installed."""
+    log_every: int = 1
+    """Log every N optimizer steps."""

@@ -1,0 +1,78 @@
+"""The optimizer-step loop shared by SFT and GRPO: step, log, checkpoint, resume.
+
+The loop knows nothing about the objective: a stage hands it a function that produces
+the micro-batches of step `s` (deterministic in `s`, so resuming at step s continues the
+same data order) and a megatron forward-step function.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from gazal_nemo.recipe_sections import CheckpointConfig
+from gazal_nemo.training import checkpoint as ckpt
+from gazal_nemo.training.metrics import MetricsLogger
+from gazal_nemo.training.step import configure_schedule_hooks, metric_means, run_step
+
+
+@dataclass
+class LoopResult:
+    last_step: int
+    history: list[dict]
+    checkpoint: str | None
+
+
+def maybe_resume(ckpt_cfg: CheckpointConfig, *, chunks, optimizer, scheduler) -> tuple[int, dict]:
+    """Load the newest complete checkpoint when resuming is on; returns (start step, state)."""
+    if not ckpt_cfg.resume:
+        return 0, {}
+    latest = ckpt.latest_checkpoint(ckpt_cfg.dir)
+    if latest is None:
+        return 0, {}
+    state = ckpt.load_checkpoint(latest, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler)
+    if dist.get_rank() == 0:
+        print(f"resumed from {latest} (step {state['step']})", flush=True)
+    return int(state["step"]), state
+
+
+def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microbatches_for_step: Callable,
+               forward_step: Callable, seq_length: int, micro_batch_size: int, ckpt_cfg: CheckpointConfig,
+               logger: MetricsLogger, recipe_dict: dict, start_step: int = 0, log_every: int = 1,
+               tokens_for_step: Callable | None = None, flops_per_token: float | None = None,
+               peak_tflops: float | None = None, after_step: Callable | None = None,
+               extra_metrics: Callable | None = None, stop_after: int | None = None) -> LoopResult:
+    """Run steps start_step+1 .. total_steps (or stop_after steps, for tests of resume)."""
+    configure_schedule_hooks(config, chunks, optimizer)
+    history, last_saved = [], None
+    step = start_step
+    end = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    while step < end:
+        t0 = time.time()
+        microbatches = microbatches_for_step(step)
+        metrics = run_step(chunks=chunks, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
+                           microbatches=microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                           after_step=after_step)
+        step += 1
+        elapsed = time.time() - t0
+        row = metric_means(metrics)
+        row["lr"] = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
+        row["step_time_s"] = elapsed
+        if tokens_for_step is not None:
+            tokens = tokens_for_step(microbatches)
+            row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            if flops_per_token and peak_tflops:
+                row["mfu"] = tokens * flops_per_token / elapsed / (peak_tflops * 1e12 * dist.get_world_size())
+        if extra_metrics is not None:
+            row.update(extra_metrics())
+        history.append(dict(row, step=step))
+        if step % log_every == 0 or step == end:
+            logger.log(step, row)
+        if ckpt_cfg.save_every and step % ckpt_cfg.save_every == 0 or step == total_steps:
+            last_saved = ckpt.save_checkpoint(
+                ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+                trainer_state={"total_steps": total_steps}, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)
+    return LoopResult(last_step=step, history=history, checkpoint=str(last_saved) if last_saved else None)

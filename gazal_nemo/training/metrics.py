@@ -1,0 +1,94 @@
+"""Step metrics to the console (a progress line), JSONL and TensorBoard; rank 0 only.
+
+MFU uses the standard 6·N·tokens + attention estimate against the device's dense bf16
+peak; on CPU (no known peak) it is left out rather than guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak (no sparsity), TFLOP/s.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(*, num_params: int, num_layers: int, hidden: int, seq_length: int,
+                          recompute: bool) -> float:
+    """6N for forward+backward (8N with full recompute) plus causal attention scores."""
+    dense = (8 if recompute else 6) * num_params
+    attention = (4 if recompute else 3) * 2 * num_layers * hidden * seq_length
+    return dense + attention
+
+
+class MetricsLogger:
+    """Writes each logged step everywhere it is asked to go."""
+
+    def __init__(self, log_dir: str | Path, *, total_steps: int, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.tb = None
+        if not enabled:
+            return
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: TensorBoard logging is off", file=sys.stderr)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time_s": round(time.time() - self.start, 3), **_plain(metrics)}
+        self.jsonl.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        print(self._progress_line(step, row), flush=True)
+
+    def _progress_line(self, step: int, row: dict) -> str:
+        width = 20
+        done = int(width * step / max(self.total_steps, 1))
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("step", "time_s"))
+        return f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total_steps} eta {eta:.0f}s {shown}"
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _plain(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
