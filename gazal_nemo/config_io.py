@@ -127,14 +127,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ValueError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+            node = _child(node, part, text)
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _list_index(node: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override {text!r}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _child(node, part: str, text: str):
+    """Step into section `part` (a list element when `part` is an index), creating sections."""
+    if isinstance(node, list):
+        child = node[_list_index(node, part, text)]
+    else:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+    if not isinstance(child, (dict, list)):
+        raise ValueError(f"override {text!r}: {part} is not a section")
+    return child
 
 
 def load_yaml(path: str | Path) -> dict:

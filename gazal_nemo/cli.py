@@ -1,0 +1,74 @@
+"""`gazal`: the command line. A recipe plus dotted `key=value` overrides, per stage.
+
+    gazal sft  --recipe recipes/sft_qwen3_32b_dora.yaml train.max_steps=10
+    gazal grpo --recipe recipes/grpo_qwen3_32b.yaml parallel.tp=4 --dry-run
+    gazal convert hf-to-megatron --hf-dir Qwen/Qwen3-32B --out ckpt/qwen3-32b
+    gazal eval --model out/hf --benchmark medqa --data medqa_test.jsonl
+    gazal demo
+
+Subcommands import their heavy dependencies only when they run, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGE_HELP = {
+    "sft": "Stage 1: supervised fine-tuning with a DoRA + rsLoRA adapter (paper section 3, Appendix A.1).",
+    "grpo": "Stage 2: GRPO on multiple-choice questions with the composite medical reward (section 4, A.2).",
+}
+
+
+def _add_stage(sub, name: str) -> None:
+    p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name],
+                       epilog="Overrides: dotted keys of the recipe, e.g. train.max_steps=10 parallel.tp=2 "
+                              "optim.lr=1e-6. An unknown key is an error.")
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe and the parallel layout for this world size, print it, and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gazal", description="Gazal-R1 recipe on megatron-core: SFT, GRPO, "
+                                     "checkpoint conversion and evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGE_HELP:
+        _add_stage(sub, name)
+    from gazal_nemo.commands import convert, demo, evaluate
+
+    convert.add_arguments(sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion",
+                                         description="Convert checkpoints between Hugging Face and Megatron."))
+    evaluate.add_arguments(sub.add_parser("eval", help="accuracy on MedQA / MedMCQA / PubMedQA / MMLU-Pro files",
+                                          description=evaluate.__doc__))
+    demo.add_arguments(sub.add_parser("demo", help="tiny CPU run of the whole pipeline (no downloads)",
+                                      description=demo.__doc__))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGE_HELP:
+            from gazal_nemo.commands.stage import run_stage
+
+            return run_stage(args.command, args.recipe, args.overrides, dry_run=args.dry_run)
+        if args.command == "convert":
+            from gazal_nemo.commands import convert
+
+            return convert.run(args)
+        if args.command == "eval":
+            from gazal_nemo.commands import evaluate
+
+            return evaluate.run(args)
+        from gazal_nemo.commands import demo
+
+        return demo.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"gazal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

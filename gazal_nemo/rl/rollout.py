@@ -1,0 +1,128 @@
+"""Rollout engines: generate GRPO completions with the policy's current weights.
+
+One small interface (`generate(prompts) -> list[Completion]`, `sync_weights()`), engines:
+  * "megatron": megatron-core's static KV cache (StaticInferenceContext) driven by our
+    sampling loop, on the training model itself: no weight copy, batched, left-padded.
+  * "torch": the same loop without a KV cache (a full forward per token): slow, but the
+    plainest possible reference; tests check the two agree.
+  * "vllm": see rl/vllm_engine.py (optional extra).
+Sampling follows the recipe (temperature, top-k, top-p) through rl.sampling.filter_logits,
+the same filter the trainer applies when it recomputes log-probs. All TP ranks draw with
+identically seeded generators from identical gathered logits, so they agree on every token.
+
+Left padding is exact for Qwen3: RoPE makes attention depend only on relative positions,
+and padded keys are masked out, so a row's tokens see what they would see unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gazal_nemo.rl.sampling import sample_tokens
+
+
+@dataclass
+class Completion:
+    """One sampled completion."""
+
+    prompt_index: int
+    tokens: list[int]  # generated ids, including the stop token when there is one
+    truncated: bool  # hit max_new_tokens before a stop token
+
+
+class MegatronRolloutEngine:
+    """Generation on the (unwrapped) megatron training model of this rank; pp must be 1."""
+
+    def __init__(self, model, *, stop_token_ids: list[int], pad_token_id: int, max_batch_size: int = 64,
+                 use_kv_cache: bool = True):
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("grpo.rollout.engine megatron/torch needs parallel.pp=1; use engine vllm with pp>1")
+        self.model = model
+        self.stop_ids = torch.tensor(sorted(set(stop_token_ids)))
+        self.pad_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.use_kv_cache = use_kv_cache
+
+    def sync_weights(self) -> None:
+        """Nothing to copy: the engine generates with the training weights themselves."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, generator: torch.Generator) -> list[Completion]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = []
+            for start in range(0, len(prompts), self.max_batch_size):
+                chunk = prompts[start:start + self.max_batch_size]
+                out += self._generate_batch(chunk, start, max_new_tokens, temperature, top_k, top_p, generator)
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _forward(self, tokens_BS, positions_BS, mask, context):
+        kwargs = {"runtime_gather_output": True}
+        if context is not None:
+            kwargs["inference_context"] = context
+        logits = self.model(tokens_BS, positions_BS, mask, **kwargs)
+        return logits[:, -1].float()  # runtime_gather_output: full vocabulary on every TP rank
+
+    def _generate_batch(self, prompts, offset, max_new, temperature, top_k, top_p, generator):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = next(self.model.parameters()).device
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        total = longest + max_new
+        tokens = torch.full((batch, total), self.pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros((batch, total), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt):longest] = torch.tensor(prompt, device=device)
+            valid[row, longest - len(prompt):longest] = True
+        context = StaticInferenceContext(batch, total) if self.use_kv_cache else None
+        stop_ids = self.stop_ids.to(device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        length = longest
+        logits = self._step(tokens, valid, length, 0, context)  # prefill the prompts
+        for _ in range(max_new):
+            next_tok = _next_tokens(logits, temperature, top_k, top_p, generator).to(device)
+            next_tok = torch.where(finished, torch.full_like(next_tok, self.pad_id), next_tok)
+            tokens[:, length] = next_tok
+            valid[:, length] = ~finished
+            lengths += (~finished).long()
+            finished |= torch.isin(next_tok, stop_ids)
+            length += 1
+            if bool(finished.all()) or length == total:
+                break
+            logits = self._step(tokens, valid, length, length - 1, context)
+        return [Completion(prompt_index=offset + row, tokens=tokens[row, longest:longest + lengths[row]].tolist(),
+                           truncated=not bool(finished[row])) for row in range(batch)]
+
+    def _step(self, tokens, valid, length, new_from, context):
+        """Logits for the next token; with a cache only tokens [new_from, length) are fed."""
+        if context is None:
+            new_from = 0
+        feed = tokens[:, new_from:length]
+        keys_valid = valid[:, :length]
+        query_len = length - new_from
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[new_from:length]
+        allowed = causal[None] & keys_valid[:, None, :]
+        # Rows whose every key is masked (pure padding queries) would give NaN: let them see themselves.
+        allowed |= torch.eye(length, dtype=torch.bool, device=tokens.device)[new_from:length][None]
+        mask = ~allowed[:, None]  # [B, 1, q, k], True = masked (megatron convention)
+        positions = torch.arange(new_from, length, device=tokens.device).expand(tokens.shape[0], query_len)
+        if context is not None:
+            context.sequence_len_offset = new_from
+            context.enable_decode_mode() if new_from > 0 else context.enable_prefill_mode()
+        return self._forward(feed, positions, mask, context)
+
+
+def _next_tokens(logits_BV, temperature, top_k, top_p, generator):
+    """Greedy at temperature 0 (evaluation), else the recipe's filtered sampling."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    return sample_tokens(logits_BV.cpu(), temperature, top_k, top_p, generator=generator)
