@@ -20,28 +20,47 @@ from gazal_nemo.training.model_setup import build_train_model, unwrap
 from gazal_nemo.training.optim import build_optimizer, build_scheduler
 
 
-def build_packed_samples(recipe, tokenizer) -> list[dict]:
-    """Tokenised, masked and packed SFT samples (same list on every rank)."""
-    from gazal_nemo.data.sft import build_sft_samples
+def build_packed_samples(recipe, tokenizer):
+    """Tokenised, masked and packed SFT samples (the same on every rank); prints the data report."""
+    from gazal_nemo.data.sft import build_sft_dataset
 
-    return build_sft_samples(recipe.sft_data, tokenizer, seq_length=recipe.train.seq_length)
+    if recipe.sft_data.max_length != recipe.train.seq_length:
+        raise ValueError(f"sft_data.max_length={recipe.sft_data.max_length} must equal "
+                         f"train.seq_length={recipe.train.seq_length} (samples are packed to that length)")
+    dataset, report = build_sft_dataset(recipe.sft_data, tokenizer)
+    if dist.get_rank() == 0:
+        print(report.summary() if hasattr(report, "summary") else report, flush=True)
+    return dataset
 
 
-def collate(samples: list[dict], seq_length: int, pad_id: int, *, use_te: bool) -> dict:
-    """Stack samples into one micro-batch padded to seq_length, with the attention layout."""
-    from gazal_nemo.data.packing import block_causal_mask, pad_sample
+def collate(samples: list[dict], seq_length: int, *, use_te: bool) -> dict:
+    """One micro-batch: [B, S] tensors plus the document layout for attention.
 
-    padded = [pad_sample(s, seq_length, pad_id) for s in samples]
-    batch = {k: torch.stack([p[k] for p in padded]) for k in ("input_ids", "labels", "loss_mask", "position_ids")}
-    batch["attention_mask"] = block_causal_mask(batch["position_ids"])
+    Transformer Engine takes packed documents as THD with cu_seqlens (the batch flattened
+    to one row); the torch spec takes a block-diagonal causal mask.
+    """
+    from gazal_nemo.data.packing import block_causal_attention_mask, collate_packed, thd_packed_seq_params
+
+    batch = collate_packed(samples)
+    cu_seqlens = batch.pop("cu_seqlens")
+    if use_te:
+        batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+        batch["packed_seq_params"] = thd_packed_seq_params(cu_seqlens, seq_length)
+        batch["attention_mask"] = None
+    else:
+        batch["attention_mask"] = block_causal_attention_mask(cu_seqlens, seq_length)
     return batch
 
 
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def sft_forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    per_token_loss = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    batch = _to_device(next(data_iterator), next(model.parameters()).device)
+    extra = {"packed_seq_params": batch["packed_seq_params"]} if "packed_seq_params" in batch else {}
+    per_token_loss = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                           labels=batch["labels"], **extra)
 
     def loss_func(per_token_loss_BS):
         mask = batch["loss_mask"].float()
@@ -77,8 +96,8 @@ def run_sft(recipe, shape) -> dict:
         epoch, within = divmod(step, steps_per_epoch)
         start = within * train.global_batch_size + dp_rank * per_rank
         picked = [samples[i] for i in orders[epoch][start:start + per_rank]]
-        return [collate(picked[i:i + train.micro_batch_size], train.seq_length, tokenizer.pad_token_id,
-                        use_te=False) for i in range(0, len(picked), train.micro_batch_size)]
+        return [collate(picked[i:i + train.micro_batch_size], train.seq_length, use_te=tm.use_te)
+                for i in range(0, len(picked), train.micro_batch_size)]
 
     tm = build_train_model(recipe.model, recipe.parallel, recipe.precision, train, adapter_cfg=recipe.adapter)
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)

@@ -40,17 +40,25 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
     )
     megatron_optimizer = get_megatron_optimizer(config, model_chunks)
     if optim.name == "exadam":
-        from gazal_nemo.optim.exadam import ExAdam
-
         for wrapper in _inner_optimizers(megatron_optimizer):
-            inner = wrapper.optimizer
-            if inner is None:  # a rank with no trainable params in this chunk
-                continue
-            wrapper.optimizer = ExAdam(
-                inner.param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                weight_decay=optim.weight_decay, step_size_schedule=optim.exadam_step_size_schedule,
-            )
+            if wrapper.optimizer is not None:  # None: a rank with no trainable params in this chunk
+                wrapper.optimizer = _exadam_over(wrapper.optimizer.param_groups, optim)
     return megatron_optimizer
+
+
+def _exadam_over(param_groups: list[dict], optim: OptimConfig):
+    """EXAdam sharing megatron's param groups. The main-param shards of the distributed
+    optimizer are views (not leaves), which torch's constructor refuses, so the groups
+    are attached after construction, as megatron does with its own optimizer."""
+    from gazal_nemo.optim.exadam import ExAdam
+
+    exadam = ExAdam([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                    eps=optim.eps, weight_decay=optim.weight_decay, step_size_schedule=optim.exadam_step_size_schedule)
+    for group in param_groups:
+        for key, value in exadam.defaults.items():
+            group.setdefault(key, value)
+    exadam.param_groups = param_groups
+    return exadam
 
 
 def build_scheduler(megatron_optimizer, optim: OptimConfig, *, total_steps: int):

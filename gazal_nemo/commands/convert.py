@@ -1,0 +1,105 @@
+"""`gazal convert hf-to-megatron | megatron-to-hf`: checkpoint conversion (docs/CONVERTERS.md).
+
+    gazal convert hf-to-megatron --hf-dir Qwen/Qwen3-32B --out ckpt/qwen3-32b --dtype bf16 --tp 8
+    gazal convert megatron-to-hf --ckpt-dir runs/sft/final --out out/gazal-r1-hf
+
+Both directions stream tensor by tensor, check every input before writing, and publish the
+output folder only when it is complete. `python -m converters.hf_to_megatron` and
+`python -m converters.megatron_to_hf` take the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from collections.abc import Callable
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MiB' / '1000000' -> bytes (the spelling of transformers' max_shard_size)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--max-shard-size={text!r}; expected a size like 5GB or 500MiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face Qwen3 folder, or a hub id like Qwen/Qwen3-32B")
+    parser.add_argument("--out", required=True, help="checkpoint folder to create (megatron dist checkpoint + hf/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="stored dtype (default: the source's)")
+    parser.add_argument("--tp", type=int, default=1, help="check now that the model splits at this tensor parallelism")
+    parser.add_argument("--pp", type=int, default=1, help="check now that the model splits at this pipeline depth")
+    parser.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
+
+
+def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt-dir", required=True, help="checkpoint folder (from hf-to-megatron or training)")
+    parser.add_argument("--out", required=True, help="Hugging Face folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="exported dtype (default: stored)")
+    parser.add_argument("--hf-meta-dir", default=None,
+                        help="config/tokenizer folder for a checkpoint without hf/ (default: <ckpt-dir>/hf)")
+    parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (5GB)")
+    parser.add_argument("--ignore-extra-keys", action="store_true",
+                        help="export the base weights even if the checkpoint holds other tensors (optimizer, adapters)")
+    parser.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `gazal convert` subcommand: one sub-action per direction."""
+    sub = parser.add_subparsers(dest="direction", required=True)
+    add_hf_to_megatron_arguments(sub.add_parser(
+        "hf-to-megatron", help="HF safetensors -> megatron dist checkpoint (loads at any TP/PP)"))
+    add_megatron_to_hf_arguments(sub.add_parser(
+        "megatron-to-hf", help="megatron dist checkpoint -> HF safetensors + config + tokenizer"))
+
+
+def _progress(args):
+    return None if args.quiet else (lambda name: print(f"converted {name}", flush=True))
+
+
+def run_hf_to_megatron(args: argparse.Namespace) -> int:
+    from gazal_nemo.convert.hf_to_megatron import convert_hf_to_megatron
+    from gazal_nemo.hub import resolve_model_dir
+
+    out = convert_hf_to_megatron(resolve_model_dir(args.hf_dir), args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                 tp=args.tp, pp=args.pp, progress=_progress(args))
+    print(f"wrote megatron checkpoint {out}")
+    return 0
+
+
+def run_megatron_to_hf(args: argparse.Namespace) -> int:
+    from gazal_nemo.convert.megatron_to_hf import convert_megatron_to_hf
+
+    out = convert_megatron_to_hf(args.ckpt_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                 hf_meta_dir=args.hf_meta_dir, max_shard_bytes=args.max_shard_size,
+                                 ignore_extra_keys=args.ignore_extra_keys, progress=_progress(args))
+    print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.direction == "hf-to-megatron":
+        return run_hf_to_megatron(args)
+    return run_megatron_to_hf(args)
+
+
+def main_with(add: Callable[[argparse.ArgumentParser], None], run_fn: Callable[[argparse.Namespace], int],
+              prog: str, argv: list[str] | None = None) -> int:
+    """Entry point of the `python -m converters.*` scripts: user errors exit 2 with one line."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")  # CPU-only noise
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
