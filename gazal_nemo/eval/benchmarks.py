@@ -67,6 +67,8 @@ def load_benchmark(name: str, path: str, *, split: str = "test", limit: int | No
             mapped = BENCHMARKS[name](row)
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ValueError(f"{path}: row {index} is not a {name} row ({type(e).__name__}: {e})") from None
+        if not mapped["question"] or any(v is None or str(v).strip() == "" for v in mapped["options"].values()):
+            raise ValueError(f"{path}: row {index} is not a {name} row (empty question or option)")
         if mapped["answer"] not in mapped["options"]:
             raise ValueError(f"{path}: row {index}: answer {mapped['answer']!r} is not one of the options")
         rows.append(mapped)

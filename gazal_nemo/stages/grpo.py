@@ -226,7 +226,7 @@ def _rollout_metrics(scores, adv, lengths, truncated, gen_time) -> dict:
     out["reward/total"] = (float(scores.total.sum()), n)
     out["completion_len_mean"] = (float(sum(lengths)), n)
     out["truncated_frac"] = (float(sum(truncated)), n)
-    out["zero_adv_groups"] = (float(adv.num_zero_groups), 1.0)
+    out["zero_adv_groups"] = (float(adv.num_zero_std_groups), 1.0)
     out["completion_len_max"] = (float(max(lengths) if lengths else 0), -1.0)  # -1: reduce by max
     out["gen_tokens_per_s"] = (float(sum(lengths)) / max(gen_time, 1e-9), 1.0)
     return out
