@@ -1,0 +1,320 @@
+"""Rule-based rewards for medical MCQs and their combination (Gazal-R1 section 4.4, Table 1).
+
+Every reward is a pure function with one keyword signature,
+
+    reward(*, completion: str, num_tokens: int, gold_letter: str,
+           option_letters: Sequence[str], truncated: bool) -> float
+
+so built-ins and plug-ins ("package.module:function" in the recipe) are called the same
+way. Built-ins never raise on any text: a policy in the middle of RL produces anything,
+and one odd completion must not end a multi-day run. Each reward is logged on its own
+(one value per completion, i.e. one row per completion, empty ones included) and the
+weighted total feeds the group-relative advantages.
+
+The answer is the LAST \\boxed{...} of the completion and only a letter among the
+question's options counts: hedging with several boxed letters or boxing a letter that is
+not an option earns nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gazal_nemo.rl.config import RewardConfig
+
+RewardFn = Callable[..., float]
+REWARD_KWARGS = ("completion", "num_tokens", "gold_letter", "option_letters", "truncated")
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_BOXED = re.compile(r"\\boxed\s*\{")
+_BRACE = re.compile(r"[{}]")
+# Wrappers a model puts around the letter inside \boxed{...}: \text{B}, \textbf{B}, \mathrm{B}.
+_WRAPPER = re.compile(r"^\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|bf|rm)\s*\{(.*)\}$", re.S)
+# "B", "(B)", "B.", "B)", "B: aspirin", "B. Aspirin" -> B
+_LETTER = re.compile(r"^\(?([A-Za-z])(?:\s*[.):]\s*.*)?\)?$", re.S)
+# What may follow the final box in a well-formatted answer: spaces, punctuation, markdown.
+_AFTER_FINAL_BOX = re.compile(r"^[\s.,;:!*_`$)\]]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardInput:
+    """One completion and what the rewards need to score it."""
+
+    completion: str
+    num_tokens: int
+    """Completion length in tokens (what the cosine reward scales with)."""
+    gold_letter: str
+    option_letters: tuple[str, ...]
+    truncated: bool
+    """True when generation stopped at max_new_tokens rather than at EOS."""
+
+    def as_kwargs(self) -> dict:
+        return {name: getattr(self, name) for name in REWARD_KWARGS}
+
+
+# --- answer extraction -------------------------------------------------------------------
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
+    """(start, content_start, end) of every closed \\boxed{...}, in order of start.
+
+    Braces are matched (so \\boxed{\\text{B}} works) in one pass over the text: a
+    completion full of unclosed boxes must not cost quadratic time.
+    """
+    openers = {match.end() - 1: match.start() for match in _BOXED.finditer(text)}
+    if not openers:
+        return []
+    spans, stack = [], []
+    for brace in _BRACE.finditer(text, min(openers)):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            open_pos = stack.pop()
+            if open_pos in openers:
+                spans.append((openers[open_pos], open_pos + 1, brace.end()))
+    return sorted(spans)
+
+
+def _letter_of(content: str) -> str | None:
+    """The single option letter written inside a box, or None."""
+    inner = content.strip().strip("$").strip()
+    for _ in range(4):  # \textbf{\text{B}} nests at most a few levels in practice
+        unwrapped = _WRAPPER.match(inner)
+        if unwrapped is None:
+            break
+        inner = unwrapped.group(1).strip()
+    if inner.startswith("{") and inner.endswith("}"):
+        inner = inner[1:-1].strip()
+    match = _LETTER.match(inner)
+    return match.group(1).upper() if match else None
+
+
+def _normalise_letters(option_letters: Sequence[str]) -> set[str]:
+    return {str(letter).strip().upper() for letter in option_letters}
+
+
+def extract_answer_letter(completion: str, option_letters: Sequence[str]) -> str | None:
+    """Letter in the LAST \\boxed{...} if it is one of the options; None otherwise."""
+    spans = _boxed_spans(completion)
+    if not spans:
+        return None
+    _, content_start, end = spans[-1]
+    letter = _letter_of(completion[content_start:end - 1])
+    return letter if letter in _normalise_letters(option_letters) else None
+
+
+def _is_correct(completion: str, gold_letter: str, option_letters: Sequence[str]) -> bool:
+    letter = extract_answer_letter(completion, option_letters)
+    return letter is not None and letter == str(gold_letter).strip().upper()
+
+
+# --- built-in rewards --------------------------------------------------------------------
+
+
+def accuracy_reward(*, completion: str, num_tokens: int, gold_letter: str,
+                    option_letters: Sequence[str], truncated: bool) -> float:
+    """+1 when the last boxed letter is the gold option, else 0 (paper Table 1)."""
+    return 1.0 if _is_correct(completion, gold_letter, option_letters) else 0.0
+
+
+def format_reward(*, completion: str, num_tokens: int, gold_letter: str,
+                  option_letters: Sequence[str], truncated: bool) -> float:
+    """1 when the completion is '<think>reasoning</think> assessment \\boxed{X}', else 0.
+
+    Exactly one think block, opening the completion (leading whitespace allowed) and not
+    empty; after it a non-empty assessment and exactly one \\boxed{} holding an option
+    letter, with only whitespace or punctuation after the box.
+    """
+    body = completion.lstrip()
+    if not body.startswith(THINK_OPEN) or completion.count(THINK_OPEN) != 1 or completion.count(THINK_CLOSE) != 1:
+        return 0.0
+    thinking, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
+    if not thinking.strip():
+        return 0.0
+    spans = _boxed_spans(answer)
+    if len(spans) != 1 or answer.count("\\boxed") != 1:
+        return 0.0
+    start, content_start, end = spans[0]
+    content = answer[content_start:end - 1]
+    assessment = answer[:start]
+    if not any(ch.isalnum() for ch in assessment) or not _AFTER_FINAL_BOX.match(answer[end:]):
+        return 0.0
+    return 1.0 if _letter_of(content) in _normalise_letters(option_letters) else 0.0
+
+
+def _cosine(progress: float, start: float, end: float) -> float:
+    """Half cosine from `start` at progress 0 to `end` at progress 1."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_length_reward(*, completion: str, num_tokens: int, gold_letter: str,
+                         option_letters: Sequence[str], truncated: bool,
+                         max_length: int = 4096, min_correct: float = 1.0, max_correct: float = 2.0,
+                         min_wrong: float = -10.0, max_wrong: float = 0.0,
+                         truncated_value: float | None = None) -> float:
+    """Cosine length scaling (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning").
+
+    r = lo + 0.5 (hi - lo) (1 + cos(pi p)), p = min(num_tokens / max_length, 1): correct
+    answers fall from max_correct (short) to min_correct (long), so concise right answers
+    are preferred; wrong answers rise from min_wrong (short) to max_wrong (long), so a wrong
+    answer after more reasoning is punished less. Length is in tokens and p is capped at 1,
+    so nothing beyond max_length leaves the [min, max] ranges. A missing or invalid answer
+    is wrong. truncated_value, when set, replaces the reward of truncated completions.
+    """
+    if truncated and truncated_value is not None:
+        return float(truncated_value)
+    # Compare before dividing: an absurd int must not overflow float(), NaN counts as too long.
+    progress = 1.0 if num_tokens >= max_length else max(num_tokens, 0) / max_length
+    if not math.isfinite(progress):
+        progress = 1.0
+    if _is_correct(completion, gold_letter, option_letters):
+        return _cosine(progress, start=max_correct, end=min_correct)
+    return _cosine(progress, start=min_wrong, end=max_wrong)
+
+
+def repetition_penalty_reward(*, completion: str, num_tokens: int, gold_letter: str,
+                              option_letters: Sequence[str], truncated: bool,
+                              ngram_size: int = 3, max_penalty: float = -1.0) -> float:
+    """max_penalty * (1 - unique / total) over lower-cased word n-grams (Yeo et al.; paper 4.4.3).
+
+    0 for text with fewer than ngram_size words; max_penalty when one n-gram fills the text.
+    """
+    if max_penalty > 0:
+        raise ValueError(f"rewards.repetition_max_penalty={max_penalty}; allowed: numbers <= 0")
+    words = completion.lower().split()
+    total = len(words) - ngram_size + 1
+    if total <= 0 or max_penalty == 0:
+        return 0.0
+    unique = len({tuple(words[i:i + ngram_size]) for i in range(total)})
+    return max_penalty * (1.0 - unique / total) + 0.0  # + 0.0: no -0.0 in the logs
+
+
+# --- plug-ins ----------------------------------------------------------------------------
+
+
+def load_reward_fn(import_path: str) -> RewardFn:
+    """Import 'package.module:function' and check it takes the reward keywords; ValueError if not."""
+    module_name, sep, attr = import_path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"rewards.plugins: {import_path!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the same user mistake
+        raise ValueError(f"rewards.plugins: cannot import module {module_name!r} of {import_path!r}: {e}") from e
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"rewards.plugins: {import_path!r}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"rewards.plugins: {import_path!r} is a {type(fn).__name__}, not a callable")
+    try:
+        inspect.signature(fn).bind(**{name: None for name in REWARD_KWARGS})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"rewards.plugins: {import_path!r} must accept keyword arguments "
+                         f"{', '.join(REWARD_KWARGS)}: {e}") from None
+    return fn
+
+
+# --- combination -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamedReward:
+    """A reward function, the name it is logged under and its weight in the total."""
+
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardScores:
+    """Per-completion rewards: the weighted total and every reward on its own (for logging)."""
+
+    total: torch.Tensor
+    """[num_completions] float32, what the advantages are computed from."""
+    per_reward: dict[str, torch.Tensor]
+    """name -> [num_completions] float32, unweighted."""
+
+
+def build_rewards(config: RewardConfig) -> list[NamedReward]:
+    """The recipe's rewards with their parameters bound; plug-ins are imported and checked here."""
+    rewards = [
+        NamedReward(name="accuracy", fn=accuracy_reward, weight=config.accuracy_weight),
+        NamedReward(name="format", fn=format_reward, weight=config.format_weight),
+        NamedReward(name="cosine", weight=config.cosine_weight, fn=functools.partial(
+            cosine_length_reward, max_length=config.cosine_max_length,
+            min_correct=config.cosine_min_correct, max_correct=config.cosine_max_correct,
+            min_wrong=config.cosine_min_wrong, max_wrong=config.cosine_max_wrong,
+            truncated_value=config.cosine_truncated_value)),
+        NamedReward(name="repetition", weight=config.repetition_weight, fn=functools.partial(
+            repetition_penalty_reward, ngram_size=config.repetition_ngram_size,
+            max_penalty=config.repetition_max_penalty)),
+    ]
+    for path, weight in config.plugins.items():
+        rewards.append(NamedReward(name=path, fn=load_reward_fn(path), weight=weight))
+    return rewards
+
+
+def _call(reward: NamedReward, sample: RewardInput, row: int) -> float:
+    try:
+        value = float(reward.fn(**sample.as_kwargs()))
+    except Exception as e:  # noqa: BLE001 - only plug-ins can get here; name them
+        raise RuntimeError(f"reward {reward.name!r} failed on completion {row}: {e}") from e
+    if not math.isfinite(value):
+        raise ValueError(f"reward {reward.name!r} returned {value} for completion {row}; rewards must be finite")
+    return value
+
+
+def score_completions(samples: Sequence[RewardInput], rewards: Sequence[NamedReward], *,
+                      combine: str = "sum") -> RewardScores:
+    """Score each completion (one row each) with every reward and combine them.
+
+    'sum' is the weighted sum. 'gated' multiplies the accuracy term by [format == 1], so a
+    right letter outside the required structure earns no accuracy reward; both rewards are
+    still computed and logged ungated.
+    """
+    if combine not in ("sum", "gated"):
+        raise ValueError(f"rewards.combine={combine!r}; allowed: 'sum', 'gated'")
+    names = [r.name for r in rewards]
+    if combine == "gated" and not {"accuracy", "format"} <= set(names):
+        raise ValueError("rewards.combine='gated' needs both the 'accuracy' and 'format' rewards")
+    values = {r.name: [_call(r, s, row) for row, s in enumerate(samples)] for r in rewards}
+    per_reward = {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
+    total = torch.zeros(len(samples), dtype=torch.float32)
+    for reward in rewards:
+        term = per_reward[reward.name] * reward.weight
+        if combine == "gated" and reward.name == "accuracy":
+            term = term * (per_reward["format"] == 1.0)
+        total += term
+    return RewardScores(total=total, per_reward=per_reward)
+
+
+def reward_inputs(*, completions: Sequence[str], num_tokens: Sequence[int], truncated: Sequence[bool],
+                  prompts: Sequence, num_generations: int) -> list[RewardInput]:
+    """RewardInputs for grouped completions: completion i answers prompt i // num_generations.
+
+    `prompts` are mappings (or objects) with gold_letter and option_letters, e.g. MCQPrompt.
+    """
+    if not len(completions) == len(num_tokens) == len(truncated) == len(prompts) * num_generations:
+        raise ValueError(f"{len(completions)} completions, {len(num_tokens)} lengths, {len(truncated)} "
+                         f"truncation flags for {len(prompts)} prompts x {num_generations} generations")
+
+    def field_of(prompt, name):
+        return prompt[name] if isinstance(prompt, Mapping) else getattr(prompt, name)
+
+    return [
+        RewardInput(completion=completion, num_tokens=int(length), truncated=bool(cut),
+                    gold_letter=field_of(prompts[i // num_generations], "gold_letter"),
+                    option_letters=tuple(field_of(prompts[i // num_generations], "option_letters")))
+        for i, (completion, length, cut) in enumerate(zip(completions, num_tokens, truncated))
+    ]

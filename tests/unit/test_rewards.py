@@ -1,0 +1,302 @@
+"""Rewards on hand-written and adversarial completions, the cosine schedule's shape, plug-ins,
+the combiner, and property tests that nothing raises on arbitrary text."""
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gazal_nemo.rl.config import RewardConfig
+from gazal_nemo.rl.rewards import (
+    RewardInput,
+    accuracy_reward,
+    build_rewards,
+    cosine_length_reward,
+    extract_answer_letter,
+    format_reward,
+    load_reward_fn,
+    repetition_penalty_reward,
+    reward_inputs,
+    score_completions,
+)
+
+OPTIONS = ("A", "B", "C", "D", "E")
+GOOD = ("<think>\nThe troponin is high and the ECG shows ST elevation.\n</think>\n\n"
+        "**Assessment**: inferior STEMI.\n\nFinal Answer\n\n\\boxed{B}")
+
+
+def kwargs(completion, *, num_tokens=100, gold="B", options=OPTIONS, truncated=False):
+    return dict(completion=completion, num_tokens=num_tokens, gold_letter=gold,
+                option_letters=options, truncated=truncated)
+
+
+# --- accuracy / extraction ---------------------------------------------------------------
+
+@pytest.mark.parametrize("boxed", [
+    r"\boxed{B}", r"\boxed{\text{B}}", r"\boxed{B.}", r"\boxed{ B }", r"\boxed{\textbf{B}}",
+    r"\boxed{\textbf{ B }}", r"\boxed{(B)}", r"\boxed{b}", r"\boxed{$B$}", r"\boxed {B}",
+    r"\boxed{B. Aspirin}", r"\boxed{\text{\textbf{B}}}",
+])
+def test_accuracy_tolerates_box_spellings(boxed):
+    assert accuracy_reward(**kwargs(f"so the answer is {boxed}")) == 1.0
+    assert accuracy_reward(**kwargs(f"so the answer is {boxed}", gold="C")) == 0.0
+
+
+def test_accuracy_uses_the_last_box_only():
+    assert accuracy_reward(**kwargs(r"\boxed{B} no wait \boxed{C}")) == 0.0
+    assert accuracy_reward(**kwargs(r"\boxed{C} no wait \boxed{B}")) == 1.0
+
+
+def test_boxed_letter_outside_the_options_is_no_answer():
+    assert extract_answer_letter(r"\boxed{E}", ("A", "B", "C", "D")) is None
+    # ... and does not fall back to an earlier valid box (that would reward hedging).
+    assert accuracy_reward(**kwargs(r"\boxed{B} \boxed{F}", options=("A", "B", "C", "D"))) == 0.0
+    assert accuracy_reward(**kwargs(r"\boxed{Z}", gold="Z", options=("A", "B"))) == 0.0
+
+
+@pytest.mark.parametrize("text", ["", "B", "The answer is B.", r"\boxed{}", r"\boxed{BC}", r"\boxed{B",
+                                  r"\boxed{A lot}", r"\boxed{12}", "boxed{B}"])
+def test_no_valid_box_scores_zero(text):
+    assert accuracy_reward(**kwargs(text)) == 0.0
+
+
+def test_unclosed_boxes_cost_linear_time():
+    import time
+
+    text = "\\boxed{" * 20000 + r"\boxed{B}"
+    start = time.perf_counter()
+    assert accuracy_reward(**kwargs(text)) == 1.0
+    assert time.perf_counter() - start < 1.0
+
+
+# --- format -----------------------------------------------------------------------------
+
+def test_format_accepts_the_paper_layout():
+    assert format_reward(**kwargs(GOOD)) == 1.0
+    assert format_reward(**kwargs("  \n" + GOOD + "\n")) == 1.0  # leading/trailing whitespace
+    assert format_reward(**kwargs(GOOD + ".")) == 1.0
+    assert format_reward(**kwargs(GOOD.replace(r"\boxed{B}", r"**\boxed{\text{C}}**"))) == 1.0
+
+
+@pytest.mark.parametrize("bad", [
+    "Assessment: STEMI.\n\\boxed{B}",  # no think block
+    "Intro <think>x</think> Assessment \\boxed{B}",  # think not at the start
+    "<think>a</think><think>b</think> Assessment \\boxed{B}",  # two think blocks
+    "<think>a</think> Assessment </think> \\boxed{B}",  # stray closing tag
+    "<think>   </think> Assessment \\boxed{B}",  # empty reasoning
+    "<think>reasoning</think>\n\n\\boxed{B}",  # no assessment
+    "<think>reasoning</think> Assessment \\boxed{A} then \\boxed{B}",  # two boxed answers
+    "<think>reasoning</think> Assessment \\boxed{B} and some more words",  # box not final
+    "<think>reasoning</think> Assessment \\boxed{F}",  # letter outside the options
+    "<think>reasoning</think> Assessment B",  # no box
+    "<think>reasoning \\boxed{B}",  # unclosed think (truncated)
+    "",
+])
+def test_format_rejects(bad):
+    assert format_reward(**kwargs(bad)) == 0.0
+
+
+# --- cosine length scaling ---------------------------------------------------------------
+
+COSINE = dict(max_length=1000, min_correct=1.0, max_correct=2.0, min_wrong=-10.0, max_wrong=0.0)
+RIGHT, WRONG = r"\boxed{B}", r"\boxed{C}"
+
+
+def cosine(text, num_tokens, **overrides):
+    return cosine_length_reward(**kwargs(text, num_tokens=num_tokens), **{**COSINE, **overrides})
+
+
+def test_cosine_end_points_and_midpoint_by_hand():
+    assert cosine(RIGHT, 0) == pytest.approx(2.0)
+    assert cosine(RIGHT, 1000) == pytest.approx(1.0)
+    assert cosine(RIGHT, 500) == pytest.approx(1.5)
+    assert cosine(WRONG, 0) == pytest.approx(-10.0)
+    assert cosine(WRONG, 1000) == pytest.approx(0.0)
+    assert cosine(WRONG, 250) == pytest.approx(-10 + 10 * 0.5 * (1 - math.cos(math.pi / 4)))
+    assert cosine("no answer at all", 0) == pytest.approx(-10.0)  # missing answer is wrong
+
+
+def test_cosine_counts_tokens_not_characters():
+    # open-r1 uses len(text); ours must depend only on the token count passed in.
+    short_text, long_text = RIGHT, "word " * 5000 + RIGHT
+    assert cosine(short_text, 300) == cosine(long_text, 300)
+    assert cosine(RIGHT, 100) != cosine(RIGHT, 900)
+
+
+def test_cosine_progress_is_capped_beyond_max_length():
+    # Uncapped, cos(pi * 2) would bring the correct reward back up to max_correct.
+    for length in (1000, 1500, 2000, 10**6):
+        assert cosine(RIGHT, length) == pytest.approx(1.0)
+        assert cosine(WRONG, length) == pytest.approx(0.0)
+
+
+def test_cosine_monotone_and_correct_dominates():
+    lengths = range(0, 1600, 7)
+    right = [cosine(RIGHT, n) for n in lengths]
+    wrong = [cosine(WRONG, n) for n in lengths]
+    assert all(a >= b for a, b in zip(right, right[1:])), "correct reward must not increase with length"
+    assert all(a <= b for a, b in zip(wrong, wrong[1:])), "wrong reward must not decrease with length"
+    assert all(r >= w for r, w in zip(right, wrong))
+
+
+def test_cosine_defaults_follow_yeo_et_al():
+    cfg = RewardConfig()
+    assert (cfg.cosine_max_correct, cfg.cosine_min_correct, cfg.cosine_min_wrong, cfg.cosine_max_wrong) == \
+        (2.0, 1.0, -10.0, 0.0)
+    bound = {r.name: r.fn for r in build_rewards(cfg)}["cosine"]
+    assert bound(**kwargs(WRONG, num_tokens=0)) == pytest.approx(-10.0)
+    assert bound(**kwargs(WRONG, num_tokens=4096)) == pytest.approx(0.0)
+
+
+def test_config_refuses_the_reversed_wrong_answer_ordering():
+    # open-r1's CLI defaults (min_value_wrong=0, max_value_wrong=-0.5) reverse the wrong-answer slope.
+    with pytest.raises(ValueError, match="rewards.cosine_min_wrong"):
+        RewardConfig(cosine_min_wrong=0.0, cosine_max_wrong=-0.5)
+    with pytest.raises(ValueError, match="rewards.cosine_min_correct"):
+        RewardConfig(cosine_min_correct=2.0, cosine_max_correct=1.0)
+    with pytest.raises(ValueError, match="rewards.cosine_max_wrong"):
+        RewardConfig(cosine_max_wrong=1.5, cosine_min_correct=1.0)
+
+
+def test_cosine_truncated_value():
+    assert cosine(RIGHT, 10, truncated_value=-10.0) == pytest.approx(2.0, abs=0.01)  # not truncated
+    out = cosine_length_reward(**kwargs(RIGHT, num_tokens=10, truncated=True), **COSINE, truncated_value=-7.0)
+    assert out == -7.0
+
+
+# --- repetition -----------------------------------------------------------------------------
+
+def test_repetition_penalty_by_hand():
+    # 6 words -> 4 trigrams: (a b c) (b c a) (c a b) (a b c): 3 unique of 4.
+    assert repetition_penalty_reward(**kwargs("a b c a b c"), max_penalty=-1.0) == pytest.approx(-0.25)
+    assert repetition_penalty_reward(**kwargs("A b C a B c"), max_penalty=-2.0) == pytest.approx(-0.5)
+    assert repetition_penalty_reward(**kwargs("every word here is new"), max_penalty=-1.0) == 0.0
+    assert repetition_penalty_reward(**kwargs("two words"), max_penalty=-1.0) == 0.0
+    assert repetition_penalty_reward(**kwargs(""), max_penalty=-1.0) == 0.0
+
+
+def test_repetition_penalty_on_ten_thousand_repeated_words():
+    text = "word " * 10000
+    value = repetition_penalty_reward(**kwargs(text), max_penalty=-1.0)
+    assert value == pytest.approx(-(1 - 1 / 9998))
+
+
+def test_repetition_penalty_must_not_be_positive():
+    with pytest.raises(ValueError, match="rewards.repetition_max_penalty"):
+        RewardConfig(repetition_max_penalty=0.5)
+    with pytest.raises(ValueError, match="repetition_max_penalty"):
+        repetition_penalty_reward(**kwargs("a b c"), max_penalty=0.5)
+
+
+# --- plug-ins -------------------------------------------------------------------------------
+
+def test_plugin_loads_and_scores_like_a_builtin():
+    fn = load_reward_fn("gazal_nemo.rl.rewards:accuracy_reward")
+    assert fn is accuracy_reward
+    rewards = build_rewards(RewardConfig(plugins={"gazal_nemo.rl.rewards:format_reward": 0.5}))
+    scores = score_completions([RewardInput(**kwargs(GOOD))], rewards)
+    assert scores.per_reward["gazal_nemo.rl.rewards:format_reward"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("path, message", [
+    ("no_such_package.module:fn", "cannot import module 'no_such_package.module'"),
+    ("gazal_nemo.rl.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
+    ("gazal_nemo.rl.rewards:REWARD_KWARGS", "not a callable"),
+    ("math:isclose", "must accept keyword arguments"),
+    ("gazal_nemo.rl.rewards", "must look like"),
+])
+def test_plugin_errors_name_the_path(path, message):
+    with pytest.raises(ValueError, match=message) as info:
+        load_reward_fn(path)
+    assert path.split(":")[0] in str(info.value)
+
+
+def test_config_refuses_plugin_without_colon():
+    with pytest.raises(ValueError, match="rewards.plugins"):
+        RewardConfig(plugins={"package.module.fn": 1.0})
+
+
+# --- combination ----------------------------------------------------------------------------
+
+def _scores(completions, combine, **config):
+    samples = [RewardInput(**kwargs(c, num_tokens=len(c.split()))) for c in completions]
+    return score_completions(samples, build_rewards(RewardConfig(**config)), combine=combine)
+
+
+def test_sum_is_the_weighted_sum_of_logged_rewards():
+    weights = dict(accuracy_weight=2.0, format_weight=0.5, cosine_weight=0.25, repetition_weight=3.0)
+    scores = _scores([GOOD, "\\boxed{B} " * 5, ""], "sum", **weights)
+    per = scores.per_reward
+    expected = (2.0 * per["accuracy"] + 0.5 * per["format"] + 0.25 * per["cosine"] + 3.0 * per["repetition"])
+    assert scores.total.tolist() == pytest.approx(expected.tolist())
+    assert per["accuracy"].tolist() == [1.0, 1.0, 0.0]
+    assert per["format"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_gated_drops_accuracy_without_format():
+    unformatted = r"The answer is \boxed{B}"
+    gated = _scores([GOOD, unformatted], "gated")
+    summed = _scores([GOOD, unformatted], "sum")
+    assert gated.per_reward["accuracy"].tolist() == [1.0, 1.0]  # logged ungated
+    assert gated.total[0] == summed.total[0]
+    assert gated.total[1] == pytest.approx(summed.total[1].item() - 1.0)
+
+
+def test_empty_completion_gets_its_own_row():
+    scores = _scores(["", GOOD, ""], "sum")
+    assert scores.total.shape == (3,)
+    assert scores.per_reward["cosine"][0] == pytest.approx(-10.0)  # wrong at length 0
+    assert scores.per_reward["accuracy"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_reward_inputs_maps_completions_to_their_prompts():
+    prompts = [{"gold_letter": "A", "option_letters": ("A", "B")}, {"gold_letter": "B", "option_letters": ("A", "B")}]
+    inputs = reward_inputs(completions=[r"\boxed{A}"] * 4, num_tokens=[1, 2, 3, 4], truncated=[False, True, False, False],
+                           prompts=prompts, num_generations=2)
+    assert [i.gold_letter for i in inputs] == ["A", "A", "B", "B"]
+    assert [i.truncated for i in inputs] == [False, True, False, False]
+    with pytest.raises(ValueError):
+        reward_inputs(completions=["x"], num_tokens=[1], truncated=[False], prompts=prompts, num_generations=2)
+
+
+def test_plugin_returning_nan_is_named():
+    from gazal_nemo.rl.rewards import NamedReward
+
+    bad = NamedReward(name="my.plugin:nan", fn=lambda **_: float("nan"), weight=1.0)
+    with pytest.raises(ValueError, match="my.plugin:nan"):
+        score_completions([RewardInput(**kwargs(GOOD))], [bad])
+
+
+# --- properties: nothing raises on arbitrary text ---------------------------------------------
+
+_TEXT = st.one_of(
+    st.text(max_size=400),
+    st.lists(st.sampled_from(["<think>", "</think>", "\\boxed{", "}", "{", "B", "\\text{", " ", "\n",
+                              "Assessment", "A.", "$", "\\boxed", "(", ")"]), max_size=60).map("".join),
+)
+_LETTERS = st.lists(st.text(max_size=3), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=_TEXT, num_tokens=st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True)),
+       gold=st.text(max_size=3), letters=_LETTERS, truncated=st.booleans())
+def test_no_reward_raises(text, num_tokens, gold, letters, truncated):
+    sample = dict(completion=text, num_tokens=num_tokens, gold_letter=gold, option_letters=letters,
+                  truncated=truncated)
+    for fn in (accuracy_reward, format_reward, cosine_length_reward, repetition_penalty_reward):
+        value = fn(**sample)
+        assert math.isfinite(value)
+    assert -10.0 <= cosine_length_reward(**sample) <= 2.0
+    assert -1.0 <= repetition_penalty_reward(**sample) <= 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(_TEXT, max_size=6), num_tokens=st.integers(min_value=-10, max_value=10**7),
+       combine=st.sampled_from(["sum", "gated"]))
+def test_combiner_never_raises(texts, num_tokens, combine):
+    samples = [RewardInput(completion=t, num_tokens=num_tokens, gold_letter="B", option_letters=OPTIONS,
+                           truncated=False) for t in texts]
+    scores = score_completions(samples, build_rewards(RewardConfig()), combine=combine)
+    assert scores.total.shape == (len(texts),)
+    assert bool(scores.total.isfinite().all())
