@@ -20,6 +20,8 @@ import torch
 
 from gazal_nemo.models.qwen3 import Qwen3Shape
 
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
 # (hf pattern, megatron pattern, tp layout); {i} is the layer index.
 SIMPLE_PARAMS = [
     ("model.embed_tokens.weight", "embedding.word_embeddings.weight", "col"),
@@ -81,6 +83,46 @@ def megatron_params(shape: Qwen3Shape) -> list[MegatronParam]:
 
 def expected_hf_names(shape: Qwen3Shape) -> set[str]:
     return {n for p in megatron_params(shape) for n in p.hf_names}
+
+
+def hf_tensor_shapes(shape: Qwen3Shape) -> dict[str, tuple[int, ...]]:
+    """The shape every HF tensor of this config must have (checked before any data is read)."""
+    hidden, d = shape.hidden_size, shape.head_dim
+    by_module = {  # the module name before ".weight"
+        "embed_tokens": (shape.vocab_size, hidden),
+        "lm_head": (shape.vocab_size, hidden),
+        "norm": (hidden,),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+        "q_norm": (d,),
+        "k_norm": (d,),
+        "q_proj": (shape.num_attention_heads * d, hidden),
+        "k_proj": (shape.num_key_value_heads * d, hidden),
+        "v_proj": (shape.num_key_value_heads * d, hidden),
+        "o_proj": (hidden, shape.num_attention_heads * d),
+        "gate_proj": (shape.intermediate_size, hidden),
+        "up_proj": (shape.intermediate_size, hidden),
+        "down_proj": (hidden, shape.intermediate_size),
+    }
+    return {name: by_module[name.split(".")[-2]] for name in expected_hf_names(shape)}
+
+
+def megatron_shape(param: MegatronParam, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of the global (not TP-split) megatron tensor of one layer's `param`."""
+    parts = [hf_shapes[n] for n in param.hf_names]
+    if len(parts) == 1:
+        return parts[0]
+    return (sum(p[0] for p in parts), *parts[0][1:])  # fused along the output dim (qkv, gate/up)
+
+
+def dist_key(megatron_name: str) -> str:
+    """The key `model.sharded_state_dict()` saves a parameter under in a megatron dist checkpoint.
+
+    Megatron names the pre-norms as Transformer Engine does whatever the spec, and stacks
+    every layer's copy of a parameter into one tensor with a leading layer axis, so the key
+    carries no layer index; that is what lets a checkpoint load at any pipeline split.
+    """
+    return _LAYER_RE.sub("decoder.layers.", te_name(megatron_name))
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Qwen3Shape) -> torch.Tensor:
@@ -148,9 +190,6 @@ def to_hf(param: MegatronParam, tensor: torch.Tensor, shape: Qwen3Shape) -> dict
     if param.layout == "gate_up":
         return dict(zip(param.hf_names, (t.contiguous() for t in tensor.chunk(2, dim=0))))
     return {param.hf_names[0]: tensor}
-
-
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def local_name(global_name: str, layer_offset: int) -> str:

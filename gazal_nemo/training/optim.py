@@ -47,18 +47,13 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
 
 
 def _exadam_over(param_groups: list[dict], optim: OptimConfig):
-    """EXAdam sharing megatron's param groups. The main-param shards of the distributed
-    optimizer are views (not leaves), which torch's constructor refuses, so the groups
-    are attached after construction, as megatron does with its own optimizer."""
+    """EXAdam over megatron's own param groups (the distributed optimizer's main-param shards
+    are views, which torch's constructor refuses; from_param_groups takes them over)."""
     from gazal_nemo.optim.exadam import ExAdam
 
-    exadam = ExAdam([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                    eps=optim.eps, weight_decay=optim.weight_decay, step_size_schedule=optim.exadam_step_size_schedule)
-    for group in param_groups:
-        for key, value in exadam.defaults.items():
-            group.setdefault(key, value)
-    exadam.param_groups = param_groups
-    return exadam
+    return ExAdam.from_param_groups(param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                    weight_decay=optim.weight_decay,
+                                    step_size_schedule=optim.exadam_step_size_schedule)
 
 
 def build_scheduler(megatron_optimizer, optim: OptimConfig, *, total_steps: int):
