@@ -42,11 +42,12 @@ wait_for() {
 pid_alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 stop_pidfile() {
-    local pidfile=$1 name=$2
+    local pidfile=$1 name=$2 pid
     if pid_alive "$pidfile"; then
-        say "stopping $name (pid $(cat "$pidfile"))"
-        kill "$(cat "$pidfile")"
-        wait_for 15 bash -c "! kill -0 $(cat "$pidfile") 2>/dev/null" || die "$name did not stop"
+        pid=$(cat "$pidfile")
+        say "stopping $name (pid $pid)"
+        kill "$pid"
+        wait_for 15 bash -c "! kill -0 $pid 2>/dev/null" || die "$name (pid $pid) did not stop"
     fi
 }
 
@@ -110,7 +111,9 @@ SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
-MinJobAge=60
+# Keep finished jobs >= 5 s (they are purged at most once a minute): short enough that
+# sbatch --wait polls every 2 s instead of backing off to 32 s.
+MinJobAge=5
 StateSaveLocation=${STATE_DIR}
 SlurmdSpoolDir=${SPOOL_DIR}
 SlurmctldPidFile=${CTLD_PID}
