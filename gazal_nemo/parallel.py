@@ -72,6 +72,9 @@ def init_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 0, timeo
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
     )
+    # Same CPU seed on the ranks of a TP group (dropout masks on CPU, replicated adapter
+    # init), different per pipeline stage, as megatron's own training seeds it.
+    torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env
 

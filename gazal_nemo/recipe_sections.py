@@ -98,7 +98,9 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the data (paper: 1)."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (None: run the epochs)."""
+    """Length of the run in optimizer steps (None: run the epochs); the LR schedule spans it."""
+    stop_at_step: int | None = None
+    """End this job after that step, with a checkpoint, though the run is longer (Slurm time limits: resubmit to go on)."""
     recompute: Literal["none", "selective", "full"] = "full"
     """Activation recompute (paper: gradient checkpointing on)."""
 

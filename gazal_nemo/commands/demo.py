@@ -15,8 +15,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where the demo writes everything (default runs/demo)")
-    parser.add_argument("--sft-steps", type=int, default=40, help="SFT optimizer steps (default 40)")
-    parser.add_argument("--grpo-steps", type=int, default=15, help="GRPO optimizer steps (default 15)")
+    parser.add_argument("--sft-steps", type=int, default=130, help="SFT optimizer steps (default 130)")
+    parser.add_argument("--grpo-steps", type=int, default=60, help="GRPO optimizer steps (default 60)")
     parser.add_argument("--keep", action="store_true", help="keep an existing workdir (default: start clean)")
 
 

@@ -10,7 +10,7 @@ import yaml
 from gazal_nemo.config_io import to_dict
 
 
-def prepare(stage: str, recipe_path: str, overrides: list[str]):
+def prepare(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool = False):
     """Everything that can be checked without a GPU: recipe, model config, layout, precision."""
     from gazal_nemo.hub import resolve_model_dir
     from gazal_nemo.models.qwen3 import Qwen3Shape
@@ -21,7 +21,7 @@ def prepare(stage: str, recipe_path: str, overrides: list[str]):
     recipe = load_recipe(recipe_path, overrides)
     if recipe.stage != stage:
         raise ValueError(f"{recipe_path}: stage is {recipe.stage!r}; run it with `gazal {recipe.stage}`")
-    model_dir = resolve_model_dir(recipe.model.hf_path)
+    model_dir = resolve_model_dir(recipe.model.hf_path, config_only=dry_run)
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, hf_path=str(model_dir)))
     shape = Qwen3Shape.from_pretrained(model_dir)
     env = launch_env()
@@ -31,7 +31,7 @@ def prepare(stage: str, recipe_path: str, overrides: list[str]):
 
 
 def run_stage(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool) -> int:
-    recipe, shape, env, dp = prepare(stage, recipe_path, overrides)
+    recipe, shape, env, dp = prepare(stage, recipe_path, overrides, dry_run=dry_run)
     if dry_run:
         if env.rank == 0:
             print(f"# recipe {recipe.name}: valid for world size {env.world_size} "

@@ -208,6 +208,7 @@ def run_grpo(recipe, shape) -> dict:
         microbatches_for_step=microbatches_for_step, forward_step=make_forward_step(recipe),
         seq_length=train.seq_length, micro_batch_size=train.micro_batch_size, ckpt_cfg=recipe.checkpoint,
         logger=logger, recipe_dict=to_dict(recipe), start_step=start_step, log_every=recipe.logging.log_every,
+        stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
         tokens_for_step=lambda mbs: sum(int(mb["input_ids"].numel()) for mb in mbs) * dp_size,
         after_step=after_step, extra_metrics=lambda: _global_means(step_metrics),
     )

@@ -114,6 +114,7 @@ def run_sft(recipe, shape) -> dict:
         microbatches_for_step=microbatches_for_step, forward_step=sft_forward_step, seq_length=train.seq_length,
         micro_batch_size=train.micro_batch_size, ckpt_cfg=recipe.checkpoint, logger=logger,
         recipe_dict=to_dict(recipe), start_step=start_step, log_every=recipe.logging.log_every,
+        stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
         tokens_for_step=lambda mbs: sum(int(mb["loss_mask"].numel()) for mb in mbs) * dp_size,
         flops_per_token=train_flops_per_token(num_params=num_params, num_layers=shape.num_layers,
                                               hidden=shape.hidden_size, seq_length=train.seq_length,

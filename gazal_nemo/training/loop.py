@@ -71,7 +71,7 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
         history.append(dict(row, step=step))
         if step % log_every == 0 or step == end:
             logger.log(step, row)
-        if ckpt_cfg.save_every and step % ckpt_cfg.save_every == 0 or step == total_steps:
+        if ckpt_cfg.save_every and step % ckpt_cfg.save_every == 0 or step in (total_steps, end):
             last_saved = ckpt.save_checkpoint(
                 ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
                 trainer_state={"total_steps": total_steps}, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)

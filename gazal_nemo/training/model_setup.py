@@ -63,7 +63,7 @@ def build_stage_model(model_cfg: ModelConfig, parallel: ParallelConfig, precisio
     if adapter_cfg is not None:
         from gazal_nemo.peft.dora import apply_adapter
 
-        apply_adapter(model, adapter_cfg, shape)
+        apply_adapter(model, adapter_cfg, shape, seed=train.seed)
     return shape, config, model, use_te
 
 
