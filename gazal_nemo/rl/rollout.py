@@ -52,9 +52,12 @@ class MegatronRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float, generator: torch.Generator) -> list[Completion]:
+                 top_p: float, seed: int) -> list[Completion]:
+        """Completions for `prompts` (one each); the same seed on every TP rank keeps them in step."""
         was_training = self.model.training
         self.model.eval()
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
         try:
             out = []
             for start in range(0, len(prompts), self.max_batch_size):
@@ -125,4 +128,18 @@ def _next_tokens(logits_BV, temperature, top_k, top_p, generator):
     """Greedy at temperature 0 (evaluation), else the recipe's filtered sampling."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    return sample_tokens(logits_BV.cpu(), temperature, top_k, top_p, generator=generator)
+    if 0 < top_k < logits_BV.shape[-1]:
+        return _sample_top_k_then_p(logits_BV, temperature, top_k, top_p, generator)
+    return sample_tokens(logits_BV, temperature, top_k, top_p, generator=generator)
+
+
+def _sample_top_k_then_p(logits_BV, temperature, top_k, top_p, generator):
+    """HF's order (temperature, top-k, top-p) with top-p over the k survivors only: no sort
+    or host copy of the full [B, vocab] logits per token, which would dominate a rollout."""
+    values_BK, index_BK = (logits_BV.float() / temperature).topk(top_k, dim=-1)  # descending
+    probs_BK = values_BK.softmax(dim=-1)
+    if top_p < 1.0:
+        before_BK = probs_BK.cumsum(dim=-1) - probs_BK  # mass of the more likely tokens
+        probs_BK = probs_BK * (before_BK < top_p)  # keeps the smallest set reaching top_p
+    choice_B1 = torch.multinomial(probs_BK, 1, generator=generator)
+    return index_BK.gather(-1, choice_B1).squeeze(-1)

@@ -123,14 +123,14 @@ class VLLMRolloutEngine:
                 unmerge_adapter(self.model)
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_k, top_p, generator) -> list[Completion]:
+    def generate(self, prompts, *, max_new_tokens, temperature, top_k, top_p, seed) -> list[Completion]:
         from vllm import SamplingParams
 
         self.llm.wake_up()
         self.sync_weights()  # the weights of the last optimizer step
         params = SamplingParams(n=1, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
                                 max_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
-                                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                                seed=seed)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         self.llm.sleep(level=1)
         completions = []

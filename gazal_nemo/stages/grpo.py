@@ -173,11 +173,11 @@ def run_grpo(recipe, shape) -> dict:
         step_prompts = [prompts[i] for i in orders[epoch][start:start + per_rank]]
         repeated = [p.prompt_ids for p in step_prompts for _ in range(grpo.sampling.num_generations)]
         # Same seed on the ranks of one TP group, different across data-parallel ranks.
-        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + step * 1009 + dp_rank)
+        seed = train.seed * 1_000_003 + step * 1009 + dp_rank
         t0 = time.time()
         completions = engine.generate(repeated, max_new_tokens=grpo.sampling.max_new_tokens,
                                       temperature=grpo.sampling.temperature, top_k=grpo.sampling.top_k,
-                                      top_p=grpo.sampling.top_p, generator=generator)
+                                      top_p=grpo.sampling.top_p, seed=seed)
         gen_time = time.time() - t0
         for c in completions:  # generate() saw each prompt repeated; point back at the prompt
             c.prompt_index //= grpo.sampling.num_generations

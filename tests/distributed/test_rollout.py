@@ -26,7 +26,7 @@ def _hf_greedy(hf_dir):
     return out
 
 
-def _generate(hf_dir, tp, stop_ids, temperature, seed, use_kv_cache):
+def _generate(hf_dir, tp, stop_ids, temperature, seed, use_kv_cache, top_k=20):
     from megatron.core import parallel_state as ps
 
     from gazal_nemo.convert.load_hf import load_hf_weights
@@ -40,8 +40,8 @@ def _generate(hf_dir, tp, stop_ids, temperature, seed, use_kv_cache):
     load_hf_weights(model, hf_dir, shape, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
     engine = MegatronRolloutEngine(model, stop_token_ids=stop_ids, pad_token_id=0, max_batch_size=8,
                                    use_kv_cache=use_kv_cache)
-    completions = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=temperature, top_k=20, top_p=0.95,
-                                  generator=torch.Generator().manual_seed(seed))
+    completions = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=temperature, top_k=top_k, top_p=0.95,
+                                  seed=seed)
     return [(c.prompt_index, c.tokens, c.truncated) for c in completions]
 
 
@@ -67,3 +67,16 @@ def test_stop_token_ends_completion(tiny_hf_dir):
     index, tokens, truncated = got[0]
     first = ref[0].index(stop)
     assert tokens == ref[0][:first + 1] and not truncated
+
+
+def test_top_k_then_p_sampler_draws_from_the_filtered_distribution():
+    """The rollout's fast path samples exactly filter_logits' distribution (HF order)."""
+    from gazal_nemo.rl.rollout import _sample_top_k_then_p
+    from gazal_nemo.rl.sampling import filter_logits
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
+    expected = filter_logits(logits, 0.7, 5, 0.8).softmax(-1)[0]
+    draws = _sample_top_k_then_p(logits.expand(40000, -1), 0.7, 5, 0.8, torch.Generator().manual_seed(0))
+    observed = torch.bincount(draws, minlength=50).float() / draws.numel()
+    assert set(observed.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+    assert (observed - expected).abs().max() < 0.01
