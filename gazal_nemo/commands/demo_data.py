@@ -13,11 +13,10 @@ induction circuit that a tiny model does not find in a few dozen RL steps).
 from __future__ import annotations
 
 import random
+import string
 from pathlib import Path
 
-import string
-
-from gazal_nemo.data.mcq import SYNTHETIC_WORDS, make_synthetic_mcq_rows
+from gazal_nemo.data.mcq import SYNTHETIC_WORDS
 from gazal_nemo.testing.tiny import write_jsonl
 
 TINY_SYSTEM_PROMPT = "Think in <think></think>, then answer with \\boxed{X}."
