@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 
+_PICKED_PORT_VAR = "GAZAL_PICKED_MASTER_PORT"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LaunchEnv:
     """Where this process sits in the job, read from the launcher's environment."""
@@ -62,6 +65,12 @@ def init_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 0, timeo
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        picked_before = os.environ.get("MASTER_PORT") == os.environ.get(_PICKED_PORT_VAR)
+        if env.world_size == 1 and ("MASTER_PORT" not in os.environ or picked_before):
+            # A lone process needs no agreed port: a fresh free one keeps concurrent jobs apart.
+            from gazal_nemo.testing.multiproc import free_port
+
+            os.environ["MASTER_PORT"] = os.environ[_PICKED_PORT_VAR] = str(free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo", rank=env.rank, world_size=env.world_size,

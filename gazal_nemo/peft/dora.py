@@ -33,6 +33,8 @@ O out features on this rank, G query groups on this rank, r adapter rank.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -137,6 +139,8 @@ class AdaptedLinear(nn.Module):
     at `.base`.
     """
 
+    disabled = False  # set by adapters_disabled(): the layer computes the base function only
+
     def __init__(self, base: nn.Module, *, target: str, rows: FusedRows, cfg: AdapterConfig,
                  layer_index: int, seed: int = 0):
         super().__init__()
@@ -219,7 +223,7 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         base_out, bias, x_in = self._base_forward(x, *args, **kwargs)
-        if self.merged:
+        if self.merged or self.disabled:
             return base_out, bias
         if self.spec.parallel == "column" and self.sequence_parallel:
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -543,6 +547,19 @@ def adapted_layers(model) -> list[AdaptedLinear]:
 
 def adapter_parameters(model) -> list[nn.Parameter]:
     return [p for layer in adapted_layers(model) for n, p in layer.named_parameters() if not n.startswith("base.")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run the base model's function without copying weights (the KL reference for GRPO beta > 0)."""
+    layers = adapted_layers(model)
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def invalidate_dora_norms(model) -> None:

@@ -8,7 +8,7 @@ trainer use the same temperature / top-k / top-p filter as the sampler.
 
 What we left out, and why: no value model (GRPO's point); no reference model at beta 0
 (the paper's setting; beta > 0 with an adapter uses the base model with the adapter off,
-see `_reference_logprobs`). With one update per batch (num_iterations 1, as the paper
+see `make_reference`). With one update per batch (num_iterations 1, as the paper
 trains) the "old" policy is the current one: its log-probs are the detached log-probs of
 the same forward, recomputed by the training model rather than taken from the sampler.
 """
@@ -90,10 +90,11 @@ def make_forward_step(recipe):
             with torch.no_grad():
                 entropy = vocab_parallel_token_entropy(shifted.detach(), temperature, sampling.top_k, sampling.top_p)
             mask = batch["completion_mask"].to(device)
+            ref = batch.get("ref_logprobs")
             loss, metrics = grpo_loss(
                 logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=batch["advantages"].to(device),
                 completion_mask=mask, truncated=batch["truncated"].to(device), config=loss_cfg,
-                num_global_tokens=1, entropy=entropy,
+                num_global_tokens=1, entropy=entropy, ref_logprobs=None if ref is None else ref.to(device),
             )
             return _megatron_loss(loss, metrics, mask, loss_cfg.normalisation)
 
@@ -115,10 +116,70 @@ def _megatron_loss(loss, metrics, mask, normalisation):
         sequences = (mask.sum(dim=-1) > 0).sum()
         value, count = loss * sequences.clamp(min=1), sequences.to(torch.int)
     report = {"loss": torch.stack([loss.detach().float(), torch.ones(())])}
-    for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy"):
+    for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy", "kl_ref"):
         if key in metrics:
             report[key] = torch.stack([metrics[key] * tokens, tokens])
     return value, count, report
+
+
+def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_batch_size: int) -> None:
+    """Add `ref_logprobs` [B, S-1] to each micro-batch (last pipeline stage), filtered like the policy.
+
+    `reference` is a callable context: entering it yields the model chunks to run, e.g.
+    the training model with its adapters switched off, or a frozen copy of the start.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from gazal_nemo.rl.sampling import vocab_parallel_token_logprobs
+
+    collected = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        logits = model(ids, torch.arange(ids.shape[1], device=device).expand_as(ids), None)
+
+        def loss_func(logits_BSV):
+            collected.append(vocab_parallel_token_logprobs(
+                logits_BSV[:, :-1], ids[:, 1:], sampling.temperature, sampling.top_k, sampling.top_p).cpu())
+            return logits_BSV.sum() * 0, torch.ones((), dtype=torch.int), {}
+
+        return logits, loss_func
+
+    with reference() as chunks, torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=chunks,
+            num_microbatches=len(microbatches), seq_length=max(mb["input_ids"].shape[1] for mb in microbatches),
+            micro_batch_size=micro_batch_size, forward_only=True)
+    for batch, logprobs in zip(microbatches, collected):
+        batch["ref_logprobs"] = logprobs
+
+
+def make_reference(recipe, tm, adapter_cfg):
+    """The KL reference for beta > 0: adapters off (no copy) or a frozen copy of the start."""
+    import contextlib
+
+    if recipe.grpo.loss.beta == 0:
+        return None
+    if adapter_cfg is not None:
+        from gazal_nemo.peft.dora import adapters_disabled
+
+        @contextlib.contextmanager
+        def base_model():
+            with adapters_disabled(unwrap(tm.chunks[0])):
+                yield tm.chunks
+        return base_model
+    from gazal_nemo.training.model_setup import build_stage_model
+
+    _, _, frozen, _ = build_stage_model(recipe.model, recipe.parallel, recipe.precision, recipe.train, shape=tm.shape)
+    frozen.requires_grad_(False)
+    frozen.eval()
+
+    @contextlib.contextmanager
+    def frozen_copy():
+        yield [frozen]
+    return frozen_copy
 
 
 def run_grpo(recipe, shape) -> dict:
@@ -157,6 +218,8 @@ def run_grpo(recipe, shape) -> dict:
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps=total_steps)
     start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler)
+    tm.config.variable_seq_lengths = True  # micro-batches are as long as their longest completion
+    reference = make_reference(recipe, tm, adapter_cfg)
     stop_ids = _stop_token_ids(tokenizer)
     engine = MegatronRolloutEngine(unwrap(tm.chunks[0]), stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                                    max_batch_size=grpo.rollout.max_batch_size,
@@ -192,8 +255,11 @@ def run_grpo(recipe, shape) -> dict:
                                scale_by_std=grpo.loss.scale_advantages_by_std, eps=grpo.loss.advantage_eps)
         step_metrics.clear()
         step_metrics.update(_rollout_metrics(scores, adv, lengths, truncated, gen_time))
-        return build_microbatches(step_prompts, completions, adv.advantages, micro_batch_size=train.micro_batch_size,
-                                  pad_id=tokenizer.pad_token_id)
+        microbatches = build_microbatches(step_prompts, completions, adv.advantages,
+                                          micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_token_id)
+        if reference is not None:
+            reference_logprobs(reference, microbatches, grpo.sampling, micro_batch_size=train.micro_batch_size)
+        return microbatches
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
                            enabled=dist.get_rank() == 0)

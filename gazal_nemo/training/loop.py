@@ -52,20 +52,22 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
     end = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     while step < end:
         t0 = time.time()
-        microbatches = microbatches_for_step(step)
+        microbatches = microbatches_for_step(step)  # for GRPO this includes the rollouts
+        t1 = time.time()
         metrics = run_step(chunks=chunks, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
                            microbatches=microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
                            after_step=after_step)
         step += 1
-        elapsed = time.time() - t0
+        train_time = time.time() - t1
         row = metric_means(metrics)
         row["lr"] = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
-        row["step_time_s"] = elapsed
+        row["step_time_s"] = time.time() - t0
+        row["data_time_s"] = t1 - t0
         if tokens_for_step is not None:
             tokens = tokens_for_step(microbatches)
-            row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            row["train_tokens_per_s"] = tokens / max(train_time, 1e-9)
             if flops_per_token and peak_tflops:
-                row["mfu"] = tokens * flops_per_token / elapsed / (peak_tflops * 1e12 * dist.get_world_size())
+                row["mfu"] = tokens * flops_per_token / train_time / (peak_tflops * 1e12 * dist.get_world_size())
         if extra_metrics is not None:
             row.update(extra_metrics())
         history.append(dict(row, step=step))

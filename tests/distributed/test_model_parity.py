@@ -71,3 +71,19 @@ def test_logits_match_transformers(tiny_hf_dir_tied, tiny_hf_dir, tp, pp):
         err = (logits - ref).abs().max().item()
         assert err < 1e-4, f"tp={tp} pp={pp}: max abs diff {err}"
     assert ref.abs().max() > 1.0  # the comparison is over real signal, not near-zero logits
+
+
+def test_yarn_rope_scaling_matches_transformers(tmp_path):
+    """YaRN (factor 4 over 64 original positions), checked past the original context."""
+    from gazal_nemo.testing.tiny import make_tiny_qwen3
+
+    hf_dir = make_tiny_qwen3(tmp_path / "yarn", seed=3, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0})
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    logits = run_distributed(_megatron_logits, 1, str(hf_dir), ids, 1, 1)[0]
+    assert (logits - ref).abs().max().item() < 1e-4
