@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.model_shapes import build_hf, build_ours, causal_lm_batch, hf_config_dict  # noqa: E402
+from bench.model_shapes import build_hf, build_ours, causal_lm_batch, hf_config_dict, time_ours_sft_steps  # noqa: E402
 
 BENCH = "dora_sft"
 # variant -> (implementation, use_dora, with dropout); baselines first (no HF model after init_parallel)
@@ -104,9 +104,6 @@ def measure_hf(variant: str, name: str, args, device: torch.device) -> dict:
 
 def measure_ours(variant: str, name: str, args, device: torch.device) -> dict:
     from gazal_nemo.peft.config import AdapterConfig
-    from gazal_nemo.stages.sft import sft_forward_step
-    from gazal_nemo.training.step import run_step
-
     _, use_dora, _ = VARIANT_SPECS[variant]
     common.init_megatron(args.seed)
     adapter = AdapterConfig(rank=args.rank, alpha=args.alpha, dropout=_dropout(variant, args), use_dora=use_dora,
@@ -114,20 +111,7 @@ def measure_ours(variant: str, name: str, args, device: torch.device) -> dict:
     trainer = build_ours(name, recompute=args.recompute, adapter_cfg=adapter, lr=LR, weight_decay=WEIGHT_DECAY,
                          total_steps=args.warmup + args.steps, seed=args.seed)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-    batch = causal_lm_batch(trainer.shape.vocab_size, seq_length=args.seq_length,
-                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
-
-    def step():
-        metrics = run_step(chunks=[trainer.chunk], optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                           forward_step=sft_forward_step, microbatches=[batch], seq_length=args.seq_length,
-                           micro_batch_size=args.micro_batch_size, after_step=trainer.after_step)
-        loss_sum, tokens = metrics["loss"].tolist()
-        return {"loss": loss_sum / max(tokens, 1), "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"]}
-
-    try:
-        run = common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
-    finally:
-        trainer.release()
+    run = time_ours_sft_steps(trainer, args, device)
     return _fields(args, device, run, trainable_params=sum(p.numel() for p in trainable),
                    adapter_param_dtype=str(trainable[0].dtype), dropout_mode="lowrank")
 

@@ -32,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.model_shapes import build_hf, build_ours, causal_lm_batch, hf_config_dict, train_flops_per_token  # noqa: E402
+from bench.model_shapes import (  # noqa: E402
+    build_hf,
+    build_ours,
+    causal_lm_batch,
+    hf_config_dict,
+    time_ours_sft_steps,
+    train_flops_per_token,
+)
 
 BENCH = "train_throughput"
 VARIANTS = ("hf", "ours")  # baselines first: no HF model may be built after init_parallel
@@ -72,26 +79,10 @@ def measure_hf(name: str, args, device: torch.device) -> dict:
 
 
 def measure_ours(name: str, args, device: torch.device) -> dict:
-    from gazal_nemo.stages.sft import sft_forward_step
-    from gazal_nemo.training.step import run_step
-
     common.init_megatron(args.seed)
     trainer = build_ours(name, recompute=args.recompute, optimizer=args.optimizer, lr=LR, weight_decay=WEIGHT_DECAY,
                          total_steps=args.warmup + args.steps, seed=args.seed)
-    batch = causal_lm_batch(trainer.shape.vocab_size, seq_length=args.seq_length,
-                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
-
-    def step():
-        metrics = run_step(chunks=[trainer.chunk], optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                           forward_step=sft_forward_step, microbatches=[batch], seq_length=args.seq_length,
-                           micro_batch_size=args.micro_batch_size, after_step=trainer.after_step)
-        loss_sum, tokens = metrics["loss"].tolist()
-        return {"loss": loss_sum / max(tokens, 1), "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"]}
-
-    try:
-        run = common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
-    finally:
-        trainer.release()
+    run = time_ours_sft_steps(trainer, args, device)
     return _fields(name, args, device, run, optimizer=args.optimizer)
 
 

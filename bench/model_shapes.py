@@ -218,3 +218,26 @@ def causal_lm_batch(vocab_size: int, *, seq_length: int, micro_batch_size: int, 
         "attention_mask": None,
         "loss_mask": torch.ones(micro_batch_size, seq_length, dtype=torch.float32, device=device),
     }
+
+
+def time_ours_sft_steps(trainer: OursTrainer, args, device) -> dict:
+    """Time our SFT step (the stage's own loss through megatron's schedule) on one random
+    batch; releases the trainer afterwards. Shared by the throughput and DoRA benches."""
+    from bench import common
+    from gazal_nemo.stages.sft import sft_forward_step
+    from gazal_nemo.training.step import run_step
+
+    batch = causal_lm_batch(trainer.shape.vocab_size, seq_length=args.seq_length,
+                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
+
+    def step():
+        metrics = run_step(chunks=[trainer.chunk], optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                           forward_step=sft_forward_step, microbatches=[batch], seq_length=args.seq_length,
+                           micro_batch_size=args.micro_batch_size, after_step=trainer.after_step)
+        loss_sum, tokens = metrics["loss"].tolist()
+        return {"loss": loss_sum / max(tokens, 1), "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"]}
+
+    try:
+        return common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
+    finally:
+        trainer.release()

@@ -13,6 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+# megatron-core warns at import, once per module, that it falls back to torch kernels when
+# Apex/TE are absent (every CPU run): the job log should show our progress, not that.
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=f".*{_message}.*")
 
 STAGE_HELP = {
     "sft": "Stage 1: supervised fine-tuning with a DoRA + rsLoRA adapter (paper section 3, Appendix A.1).",

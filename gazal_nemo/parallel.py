@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 _PICKED_PORT_VAR = "GAZAL_PICKED_MASTER_PORT"
 
 

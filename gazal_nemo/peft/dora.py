@@ -34,7 +34,6 @@ O out features on this rank, G query groups on this rank, r adapter rank.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import dataclass
 

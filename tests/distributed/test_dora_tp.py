@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from gazal_nemo.testing.fixed_dropout import FixedMask
 from gazal_nemo.testing.multiproc import run_distributed
 
 RANK, ALPHA, SEQ = 8, 16, 12
@@ -21,17 +22,6 @@ def _peft_key(param_name: str) -> str:
     """PEFT parameter name -> its key in adapter_model.safetensors."""
     key = param_name.replace(".default", "")
     return key[: -len(".weight")] if key.endswith("lora_magnitude_vector.weight") else key
-
-
-class FixedMask(torch.nn.Module):
-    """Dropout with a known mask (already scaled by 1/(1-p)), for PEFT and for our layers."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask
 
 
 HF_PARTS = {"linear_qkv": ("self_attn", ("q", "k", "v")), "linear_proj": ("self_attn", ("o",)),

@@ -12,6 +12,7 @@ from gazal_nemo.convert.mapping import fuse_qkv, tp_slice
 from gazal_nemo.models.qwen3 import Qwen3Shape
 from gazal_nemo.peft.config import AdapterConfig
 from gazal_nemo.peft.dora import fused_rows, lowrank_row_terms
+from gazal_nemo.testing.fixed_dropout import FixedMask
 from gazal_nemo.testing.multiproc import run_distributed
 
 SHAPE = Qwen3Shape(vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=2, num_attention_heads=4,
@@ -82,17 +83,6 @@ def test_factored_norm_equals_norm_of_the_adapted_matrix(dtype, tol):
 
 
 # ---- layer-level checks (one spawned rank) ---------------------------------------------------------
-
-class FixedMask(torch.nn.Module):
-    """Stands in for the adapter's dropout with a known mask (scaled like nn.Dropout)."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask
-
 
 def _build(hf_dir, cfg, *, recompute=None, dtype=torch.float32):
     from gazal_nemo.convert.load_hf import load_hf_weights
