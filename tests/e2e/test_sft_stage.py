@@ -33,9 +33,11 @@ def test_sft_learns_and_exports_match_peft(tmp_path, tiny_hf_dir, sft_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    rows = _sft(tmp_path, tiny_hf_dir, sft_data, "train.max_steps=40")
+    rows = _sft(tmp_path, tiny_hf_dir, sft_data, "train.max_steps=40", "logging.tensorboard=true")
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert len(rows) == 40 and last < 0.1 * first, (first, last)
+    assert {"loss", "lr", "grad_norm", "train_tokens_per_s"} <= set(rows[0])
+    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     export = tmp_path / "export"
     ids = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
