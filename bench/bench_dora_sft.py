@@ -36,7 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.model_shapes import build_hf, build_ours, causal_lm_batch, hf_config_dict, time_ours_sft_steps  # noqa: E402
+from bench.model_shapes import (  # noqa: E402
+    build_hf,
+    build_ours,
+    hf_config_dict,
+    time_hf_steps,
+    time_ours_sft_steps,
+)
 
 BENCH = "dora_sft"
 # variant -> (implementation, use_dora, with dropout); baselines first (no HF model after init_parallel)
@@ -84,20 +90,7 @@ def measure_hf(variant: str, name: str, args, device: torch.device) -> dict:
     model = get_peft_model(base, lora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-    batch = causal_lm_batch(base.config.vocab_size, seq_length=args.seq_length,
-                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
-
-    run = common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
+    run = time_hf_steps(model, trainable, args, device, lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     return _fields(args, device, run, trainable_params=sum(p.numel() for p in trainable),
                    adapter_param_dtype=str(trainable[0].dtype))
 

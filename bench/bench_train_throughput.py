@@ -35,8 +35,8 @@ from bench import common  # noqa: E402
 from bench.model_shapes import (  # noqa: E402
     build_hf,
     build_ours,
-    causal_lm_batch,
     hf_config_dict,
+    time_hf_steps,
     time_ours_sft_steps,
     train_flops_per_token,
 )
@@ -61,20 +61,8 @@ def parse_args(argv=None):
 
 def measure_hf(name: str, args, device: torch.device) -> dict:
     model = build_hf(name, device=device, dtype=torch.float32, recompute=args.recompute, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    batch = causal_lm_batch(model.config.vocab_size, seq_length=args.seq_length,
-                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
-
-    run = common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
+    params = list(model.parameters())
+    run = time_hf_steps(model, params, args, device, lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     return _fields(name, args, device, run, hf_weights="fp32 + autocast bf16")
 
 

@@ -241,3 +241,24 @@ def time_ours_sft_steps(trainer: OursTrainer, args, device) -> dict:
         return common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
     finally:
         trainer.release()
+
+
+def time_hf_steps(model, params, args, device, *, lr: float, weight_decay: float, grad_clip: float) -> dict:
+    """Time the Hugging Face baseline step (AdamW, bf16 autocast, clipped grads) on one random
+    batch, the same batch `time_ours_sft_steps` uses. Shared by the throughput and DoRA benches."""
+    from bench import common
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batch = causal_lm_batch(model.config.vocab_size, seq_length=args.seq_length,
+                            micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+
+    return common.time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
