@@ -13,10 +13,23 @@ from gazal_nemo.convert.mapping import local_name, stage_params, te_name, to_meg
 from gazal_nemo.models.qwen3 import Qwen3Shape
 
 
+def _this_rank(tp_rank, tp_size, pp_rank, pp_size):
+    """Ranks not given are this process's in megatron's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank,
+            ps.get_tensor_model_parallel_world_size() if tp_size is None else tp_size,
+            ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank,
+            ps.get_pipeline_model_parallel_world_size() if pp_size is None else pp_size)
+
+
 @torch.no_grad()
-def load_hf_weights(model, hf_dir, shape: Qwen3Shape, *, tp_rank: int = 0, tp_size: int = 1,
-                    pp_rank: int = 0, pp_size: int = 1) -> None:
-    """Copy HF weights into `model` (one pipeline stage, one TP rank); strict on names and shapes."""
+def load_hf_weights(model, hf_dir, shape: Qwen3Shape, *, tp_rank: int | None = None, tp_size: int | None = None,
+                    pp_rank: int | None = None, pp_size: int | None = None) -> None:
+    """Copy HF weights into `model` (one pipeline stage, one TP rank); strict on names and shapes.
+
+    The rank arguments default to this process's place in megatron's parallel state."""
+    tp_rank, tp_size, pp_rank, pp_size = _this_rank(tp_rank, tp_size, pp_rank, pp_size)
     reader = HFCheckpointReader(hf_dir)
     own = model.state_dict()
     layer_offset = (shape.num_layers // pp_size) * pp_rank
@@ -37,3 +50,14 @@ def load_hf_weights(model, hf_dir, shape: Qwen3Shape, *, tp_rank: int = 0, tp_si
                and not k.endswith("_extra_state") and "rotary" not in k]
     if missing:
         raise KeyError(f"parameters not filled from {hf_dir}: {missing[:5]}")
+
+
+def qwen3_from_hf(hf_dir, **config_kwargs):
+    """(shape, this rank's GPTModel stage filled from a HF folder); config_kwargs go to
+    `transformer_config` (tp, pp, params_dtype, recompute, ...). Needs init_parallel first."""
+    from gazal_nemo.models.qwen3 import build_qwen3, transformer_config
+
+    shape = Qwen3Shape.from_pretrained(hf_dir)
+    model = build_qwen3(shape, transformer_config(shape, **config_kwargs))
+    load_hf_weights(model, hf_dir, shape)
+    return shape, model

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.training.model_io import all_gather_last_dim
+
 OUT_OF_FILTER_LOGPROB = -1.0e4
 """Log-prob returned for a target the filters removed (finite on purpose, see module doc)."""
 
@@ -117,11 +119,6 @@ def _tp_group(tp_group):
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
 
 def vocab_parallel_filter_logits(local_logits: torch.Tensor, temperature: float, top_k: int = 0,
                                  top_p: float = 1.0, *, tp_group=None) -> torch.Tensor:
@@ -134,11 +131,11 @@ def vocab_parallel_filter_logits(local_logits: torch.Tensor, temperature: float,
     with torch.no_grad():
         if 0 < top_k < vocab_size:
             local_top = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values
-            candidates = _gather_last_dim(local_top, group)  # [..., tp * k], holds the global top-k
+            candidates = all_gather_last_dim(local_top, group)  # [..., tp * k], holds the global top-k
             cutoff = candidates.topk(top_k, dim=-1).values[..., -1:]
             candidates = candidates.masked_fill(candidates < cutoff, float("-inf"))
         elif top_p < 1:
-            candidates = _gather_last_dim(scaled, group)  # top_k off: top-p needs the whole distribution
+            candidates = all_gather_last_dim(scaled, group)  # top_k off: top-p needs the whole distribution
         if top_p < 1:
             cutoff = _top_p_cutoff(candidates, top_p)
     if cutoff is None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gazal_nemo.config_io import to_dict
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger
-from gazal_nemo.training.model_setup import build_train_model, unwrap
+from gazal_nemo.training.model_setup import adapter_norm_refresh, build_train_model, unwrap
 from gazal_nemo.training.optim import build_optimizer, build_scheduler
 
 
@@ -265,9 +265,7 @@ def run_grpo(recipe, shape) -> dict:
                            enabled=dist.get_rank() == 0)
     after_step = None
     if adapter_cfg is not None:
-        from gazal_nemo.stages.sft import _dora_refresh
-
-        after_step = _dora_refresh(tm.chunks)
+        after_step = adapter_norm_refresh(tm.chunks)
         after_step()
     result = train_loop(
         chunks=tm.chunks, config=tm.config, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,

@@ -8,15 +8,13 @@ normalised by the number of loss tokens in the whole global batch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from gazal_nemo.config_io import to_dict
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger, device_peak_tflops, train_flops_per_token
-from gazal_nemo.training.model_setup import build_train_model, unwrap
+from gazal_nemo.training.model_setup import adapter_norm_refresh, build_train_model, unwrap
 from gazal_nemo.training.optim import build_optimizer, build_scheduler
 
 
@@ -103,7 +101,7 @@ def run_sft(recipe, shape) -> dict:
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps=total_steps)
     start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler)
-    after_step = _dora_refresh(tm.chunks) if recipe.adapter is not None else None
+    after_step = adapter_norm_refresh(tm.chunks) if recipe.adapter is not None else None
     if after_step is not None:
         after_step()  # resumed adapter weights: norms must be recomputed
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
@@ -123,23 +121,8 @@ def run_sft(recipe, shape) -> dict:
     )
     logger.close()
     if recipe.export_dir and result.last_step == total_steps:
-        export_sft(recipe, shape, tm.chunks)
+        from gazal_nemo.stages.export import export_trained_model
+
+        export_trained_model(recipe, shape, tm.chunks)
     return {"history": result.history, "total_steps": total_steps, "checkpoint": result.checkpoint,
-            "num_samples": len(samples), "steps_per_epoch": math.floor(steps_per_epoch)}
-
-
-def _dora_refresh(chunks):
-    from gazal_nemo.peft.dora import invalidate_dora_norms
-
-    def refresh():
-        for chunk in chunks:
-            invalidate_dora_norms(unwrap(chunk))
-
-    return refresh
-
-
-def export_sft(recipe, shape, chunks) -> None:
-    """PEFT adapter folder and the merged model as HF safetensors under export_dir."""
-    from gazal_nemo.stages.export import export_trained_model
-
-    export_trained_model(recipe, shape, chunks)
+            "num_samples": len(samples), "steps_per_epoch": steps_per_epoch}

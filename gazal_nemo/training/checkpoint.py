@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.training.optim import inner_optimizers
+
 STEP_PREFIX = "step_"
 
 
@@ -92,14 +94,8 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside megatron's wrappers (over this rank's fp32 main-param shards)."""
-    wrappers = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [w.optimizer for w in wrappers if getattr(w, "optimizer", None) is not None]
-
-
 def _optimizer_state(optimizer) -> dict:
-    inners = _inner_optimizers(optimizer)
+    inners = [w.optimizer for w in inner_optimizers(optimizer)]
     scaler = getattr(optimizer, "grad_scaler", None)
     return {
         "inner": [o.state_dict() for o in inners],
@@ -110,7 +106,7 @@ def _optimizer_state(optimizer) -> dict:
 
 @torch.no_grad()
 def _load_optimizer_state(optimizer, saved: dict, where: Path) -> None:
-    inners = _inner_optimizers(optimizer)
+    inners = [w.optimizer for w in inner_optimizers(optimizer)]
     if len(inners) != len(saved["inner"]):
         raise ValueError(f"{where}: optimizer has {len(inners)} parts, checkpoint {len(saved['inner'])}")
     for inner, state, mains in zip(inners, saved["inner"], saved["main_params"]):

@@ -37,8 +37,6 @@ def check_precision(precision: PrecisionConfig) -> None:
 def build_stage_model(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                       train: TrainConfig, *, adapter_cfg=None, shape: Qwen3Shape | None = None):
     """The bare (unwrapped) model of this rank, weights loaded, adapter applied."""
-    from megatron.core import parallel_state as ps
-
     check_precision(precision)
     shape = shape or Qwen3Shape.from_pretrained(model_cfg.hf_path)
     shape.check_parallel(tp=parallel.tp, pp=parallel.pp)
@@ -58,8 +56,7 @@ def build_stage_model(model_cfg: ModelConfig, parallel: ParallelConfig, precisio
     else:
         from gazal_nemo.convert.load_hf import load_hf_weights
 
-        load_hf_weights(model, model_cfg.hf_path, shape, tp_rank=ps.get_tensor_model_parallel_rank(),
-                        tp_size=parallel.tp, pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=parallel.pp)
+        load_hf_weights(model, model_cfg.hf_path, shape)
     if adapter_cfg is not None:
         from gazal_nemo.peft.dora import apply_adapter
 
@@ -90,3 +87,10 @@ def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def adapter_norm_refresh(chunks):
+    """after_step hook: DoRA weight norms are cached per optimizer step and go stale with it."""
+    from gazal_nemo.peft.dora import invalidate_dora_norms
+
+    return lambda: invalidate_dora_norms(chunks)

@@ -16,8 +16,11 @@ import torch
 from gazal_nemo.recipe_sections import OptimConfig, PrecisionConfig
 
 
-def _inner_optimizers(megatron_optimizer):
-    return getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+def inner_optimizers(megatron_optimizer) -> list:
+    """megatron's per-group wrappers that hold a torch optimizer (over this rank's fp32
+    main-param shards); a wrapper over no trainable params holds None and is left out."""
+    wrappers = getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+    return [w for w in wrappers if getattr(w, "optimizer", None) is not None]
 
 
 def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig, *, distributed: bool):
@@ -40,9 +43,8 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
     )
     megatron_optimizer = get_megatron_optimizer(config, model_chunks)
     if optim.name == "exadam":
-        for wrapper in _inner_optimizers(megatron_optimizer):
-            if wrapper.optimizer is not None:  # None: a rank with no trainable params in this chunk
-                wrapper.optimizer = _exadam_over(wrapper.optimizer.param_groups, optim)
+        for wrapper in inner_optimizers(megatron_optimizer):
+            wrapper.optimizer = _exadam_over(wrapper.optimizer.param_groups, optim)
     return megatron_optimizer
 
 

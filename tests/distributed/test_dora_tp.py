@@ -82,20 +82,15 @@ def _peft_reference(hf_dir, *, use_dora: bool, seed: int = 0, masks=None):
 
 
 def _our_model(hf_dir, tp, pp, use_dora, *, dropout=0.0, dropout_mode="lowrank", init=True):
-    from megatron.core import parallel_state as ps
 
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import Qwen3Shape, build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.parallel import init_parallel
     from gazal_nemo.peft.config import AdapterConfig
     from gazal_nemo.peft.dora import apply_adapter
 
     if init:
         init_parallel(tp=tp, pp=pp)
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, tp=tp, pp=pp))
-    load_hf_weights(model, hf_dir, shape, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
-                    pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp)
+    shape, model = qwen3_from_hf(hf_dir, tp=tp, pp=pp)
     cfg = AdapterConfig(rank=RANK, alpha=ALPHA, dropout=dropout, dropout_mode=dropout_mode, use_dora=use_dora,
                         use_rslora=True)
     params = apply_adapter(model, cfg, shape)

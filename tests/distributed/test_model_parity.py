@@ -24,19 +24,14 @@ def _reference(hf_dir):
 
 def _megatron_logits(hf_dir, ids, tp, pp):
     """Forward through the pipeline schedule so PP exercises real p2p communication."""
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import Qwen3Shape, build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.parallel import init_parallel
     from gazal_nemo.training.model_io import gather_vocab_logits
 
     init_parallel(tp=tp, pp=pp)
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, tp=tp, pp=pp))
-    load_hf_weights(model, hf_dir, shape, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                    tp_size=tp, pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp)
+    _, model = qwen3_from_hf(hf_dir, tp=tp, pp=pp)
     model.eval()
     collected = []
 

@@ -27,17 +27,13 @@ def _hf_greedy(hf_dir):
 
 
 def _generate(hf_dir, tp, stop_ids, temperature, seed, use_kv_cache, top_k=20):
-    from megatron.core import parallel_state as ps
 
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import Qwen3Shape, build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.parallel import init_parallel
     from gazal_nemo.rl.rollout import MegatronRolloutEngine
 
     init_parallel(tp=tp)
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, tp=tp))
-    load_hf_weights(model, hf_dir, shape, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    _, model = qwen3_from_hf(hf_dir, tp=tp)
     engine = MegatronRolloutEngine(model, stop_token_ids=stop_ids, pad_token_id=0, max_batch_size=8,
                                    use_kv_cache=use_kv_cache)
     completions = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=temperature, top_k=top_k, top_p=0.95,

@@ -8,17 +8,13 @@ from gazal_nemo.testing.multiproc import run_distributed
 
 
 def _buckets(hf_dir, tp, bucket_bytes):
-    from megatron.core import parallel_state as ps
 
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import Qwen3Shape, build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.parallel import init_parallel
     from gazal_nemo.rl.vllm_engine import hf_weight_buckets
 
     init_parallel(tp=tp)
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, tp=tp))
-    load_hf_weights(model, hf_dir, shape, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    shape, model = qwen3_from_hf(hf_dir, tp=tp)
     return [[(name, t.clone()) for name, t in bucket] for bucket in hf_weight_buckets(model, shape, bucket_bytes=bucket_bytes)]
 
 

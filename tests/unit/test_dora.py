@@ -85,13 +85,10 @@ def test_factored_norm_equals_norm_of_the_adapted_matrix(dtype, tol):
 # ---- layer-level checks (one spawned rank) ---------------------------------------------------------
 
 def _build(hf_dir, cfg, *, recompute=None, dtype=torch.float32):
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.peft.dora import apply_adapter
 
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, recompute=recompute, params_dtype=dtype))
-    load_hf_weights(model, hf_dir, shape)
+    shape, model = qwen3_from_hf(hf_dir, recompute=recompute, params_dtype=dtype)
     if cfg is not None:
         apply_adapter(model, cfg, shape)
     return shape, model

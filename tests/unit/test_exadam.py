@@ -231,7 +231,7 @@ def _sharded_vs_full(hf_dir, ids):
     def build():
         config = transformer_config(shape, tp=1, pp=1)
         model = build_qwen3(shape, config)
-        load_hf_weights(model, hf_dir, shape, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+        load_hf_weights(model, hf_dir, shape)
         return config, model
 
     config, model = build()

@@ -139,14 +139,11 @@ def _hf_one_by_one(hf_dir, batch):
 
 def _megatron_losses(hf_dir, batch):
     """Per-token losses: packed, each document alone, naive (no mask, 0..S-1), and megatron's own loss."""
-    from gazal_nemo.convert.load_hf import load_hf_weights
-    from gazal_nemo.models.qwen3 import Qwen3Shape, build_qwen3, transformer_config
+    from gazal_nemo.convert.load_hf import qwen3_from_hf
     from gazal_nemo.parallel import init_parallel
 
     init_parallel(tp=1)
-    shape = Qwen3Shape.from_pretrained(hf_dir)
-    model = build_qwen3(shape, transformer_config(shape, tp=1, pp=1))
-    load_hf_weights(model, hf_dir, shape, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    _, model = qwen3_from_hf(hf_dir)
     model.eval()
     ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
     mask = block_causal_attention_mask(batch["cu_seqlens"], ids.shape[1])
