@@ -21,13 +21,32 @@ def prepare(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool
     recipe = load_recipe(recipe_path, overrides)
     if recipe.stage != stage:
         raise ValueError(f"{recipe_path}: stage is {recipe.stage!r}; run it with `gazal {recipe.stage}`")
-    model_dir = resolve_model_dir(recipe.model.hf_path, config_only=dry_run)
+    check_recipe_paths(recipe)
+    model_dir = resolve_model_dir(recipe.model.hf_path, config_only=dry_run, what="model.hf_path")
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, hf_path=str(model_dir)))
     shape = Qwen3Shape.from_pretrained(model_dir)
     env = launch_env()
     dp = check_layout(recipe, env.world_size, shape)
     check_precision(recipe.precision)
     return recipe, shape, env, dp
+
+
+def check_recipe_paths(recipe) -> None:
+    """Local data paths exist and hold non-empty data files; output folders can be created.
+    Cheap (no data is parsed, hub ids are not looked up), so the dry run does it too."""
+    from gazal_nemo.config_io import require_writable_dir
+    from gazal_nemo.data.sources import check_local_source
+
+    if recipe.sft_data is not None:
+        for index, source in enumerate(recipe.sft_data.sources):
+            check_local_source(source.path, f"sft_data.sources[{index}].path")
+    if recipe.grpo is not None:
+        check_local_source(recipe.grpo.data.path, "grpo.data.path")
+    outputs = {"checkpoint.dir": recipe.checkpoint.dir, "logging.dir": recipe.logging.dir,
+               "export_dir": recipe.export_dir}
+    for key, path in outputs.items():
+        if path:
+            require_writable_dir(path, key)
 
 
 def run_stage(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool) -> int:
@@ -39,17 +58,20 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bo
             yaml.safe_dump(to_dict(recipe), sys.stdout, sort_keys=False)
         return 0
     from gazal_nemo.parallel import init_parallel, shutdown_parallel
+    from gazal_nemo.training.preemption import REQUEUE_EXIT_CODE, install_stop_handlers, restore_default_handlers
 
+    install_stop_handlers()  # before the model is built: a signal while loading is not lost
     init_parallel(tp=recipe.parallel.tp, pp=recipe.parallel.pp, cp=recipe.parallel.cp, seed=recipe.train.seed)
     try:
         if stage == "sft":
             from gazal_nemo.stages.sft import run_sft
 
-            run_sft(recipe, shape)
+            result = run_sft(recipe, shape)
         else:
             from gazal_nemo.stages.grpo import run_grpo
 
-            run_grpo(recipe, shape)
+            result = run_grpo(recipe, shape)
     finally:
         shutdown_parallel()
-    return 0
+        restore_default_handlers()
+    return REQUEUE_EXIT_CODE if result.get("stopped_by") else 0

@@ -21,26 +21,11 @@ import torch
 import torch.distributed as dist
 
 from gazal_nemo.config_io import to_dict
+from gazal_nemo.rl.stopping import completion_text, stop_token_ids
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger
 from gazal_nemo.training.model_setup import adapter_norm_refresh, build_train_model, unwrap
 from gazal_nemo.training.optim import build_optimizer, build_scheduler
-
-
-def _stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
-def completion_text(tokenizer, tokens: list[int], stop_ids: list[int]) -> str:
-    """Decoded completion without its stop token; <think> tags are kept for the format reward."""
-    if tokens and tokens[-1] in stop_ids:
-        tokens = tokens[:-1]
-    return tokenizer.decode(tokens, skip_special_tokens=False)
 
 
 def build_microbatches(prompts, completions, advantages, *, micro_batch_size: int, pad_id: int) -> list[dict]:
@@ -220,7 +205,7 @@ def run_grpo(recipe, shape) -> dict:
     start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler)
     tm.config.variable_seq_lengths = True  # micro-batches are as long as their longest completion
     reference = make_reference(recipe, tm, adapter_cfg)
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     engine = MegatronRolloutEngine(unwrap(tm.chunks[0]), stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                                    max_batch_size=grpo.rollout.max_batch_size,
                                    use_kv_cache=grpo.rollout.engine != "torch")
@@ -281,7 +266,7 @@ def run_grpo(recipe, shape) -> dict:
         from gazal_nemo.stages.export import export_trained_model
 
         export_trained_model(recipe, shape, tm.chunks)
-    return {"history": result.history, "total_steps": total_steps}
+    return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by}
 
 
 def _rollout_metrics(scores, adv, lengths, truncated, gen_time) -> dict:

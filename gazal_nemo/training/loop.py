@@ -16,6 +16,7 @@ import torch.distributed as dist
 from gazal_nemo.recipe_sections import CheckpointConfig
 from gazal_nemo.training import checkpoint as ckpt
 from gazal_nemo.training.metrics import MetricsLogger
+from gazal_nemo.training.preemption import agreed_stop_signal
 from gazal_nemo.training.step import configure_schedule_hooks, metric_means, run_step
 
 
@@ -24,6 +25,8 @@ class LoopResult:
     last_step: int
     history: list[dict]
     checkpoint: str | None
+    stopped_by: str | None = None
+    """Name of the signal (SIGUSR1/SIGTERM) that ended the run early with a checkpoint; None otherwise."""
 
 
 def maybe_resume(ckpt_cfg: CheckpointConfig, *, chunks, optimizer, scheduler) -> tuple[int, dict]:
@@ -45,12 +48,25 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
                tokens_for_step: Callable | None = None, flops_per_token: float | None = None,
                peak_tflops: float | None = None, after_step: Callable | None = None,
                extra_metrics: Callable | None = None, stop_after: int | None = None) -> LoopResult:
-    """Run steps start_step+1 .. total_steps (or stop_after steps, for tests of resume)."""
+    """Run steps start_step+1 .. total_steps (or stop_after steps, for tests of resume).
+
+    A SIGUSR1/SIGTERM (training/preemption.py) ends the loop at the next step boundary,
+    after a checkpoint of the last finished step; `LoopResult.stopped_by` says so.
+    """
     configure_schedule_hooks(config, chunks, optimizer)
-    history, last_saved = [], None
+    history, last_saved, saved_step, stopped_by = [], None, None, None
     step = start_step
     end = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+
+    def save(step: int):
+        return ckpt.save_checkpoint(
+            ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+            trainer_state={"total_steps": total_steps}, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)
+
     while step < end:
+        stopped_by = agreed_stop_signal()
+        if stopped_by is not None:
+            break
         t0 = time.time()
         microbatches = microbatches_for_step(step)  # for GRPO this includes the rollouts
         t1 = time.time()
@@ -74,7 +90,11 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
         if step % log_every == 0 or step == end:
             logger.log(step, row)
         if ckpt_cfg.save_every and step % ckpt_cfg.save_every == 0 or step in (total_steps, end):
-            last_saved = ckpt.save_checkpoint(
-                ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-                trainer_state={"total_steps": total_steps}, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)
-    return LoopResult(last_step=step, history=history, checkpoint=str(last_saved) if last_saved else None)
+            last_saved, saved_step = save(step), step
+    if stopped_by is not None and step > start_step and saved_step != step:
+        last_saved = save(step)
+    if stopped_by is not None and dist.get_rank() == 0:
+        where = last_saved if last_saved else "nothing new to save"
+        print(f"gazal: stopping after step {step}/{total_steps} on {stopped_by}: checkpoint {where}", flush=True)
+    return LoopResult(last_step=step, history=history, checkpoint=str(last_saved) if last_saved else None,
+                      stopped_by=stopped_by)

@@ -1,0 +1,73 @@
+"""Stop at a step boundary on SIGUSR1 / SIGTERM, with a checkpoint, and ask to be requeued.
+
+Slurm warns a job before its time limit (`--signal=B:USR1@N`, which our batch scripts
+forward to the ranks) and sends SIGTERM on preemption or `scancel`, KillWait seconds
+before SIGKILL. Dying there loses every step since the last periodic checkpoint, so:
+
+  * the handler only records the signal: the step in flight (its collectives, its
+    optimizer update) finishes untouched;
+  * after each step the ranks agree with one all-reduce of the flag, so one rank having
+    seen the signal is enough and no rank leaves a collective the others are still in;
+  * the loop then saves (atomic, as every checkpoint) and the process exits with
+    REQUEUE_EXIT_CODE, which slurm/common.sh turns into `scontrol requeue`; the requeued
+    job resumes from that checkpoint.
+
+Handlers are process-wide (signals are), installed once by the stage command before the
+model is built, so a signal that arrives while loading is not lost either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75
+"""EX_TEMPFAIL ("try again later"): stopped on a signal with a checkpoint; resubmit or requeue."""
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: list[int] = []  # signal numbers seen by this process, in order
+_previous: dict[int, object] = {}
+
+
+def _record(signum, _frame) -> None:
+    if not _received:
+        # os.write, not print: a handler may run inside a print of the main thread.
+        os.write(2, f"gazal: got {signal.Signals(signum).name}; stopping after the current step\n".encode())
+    _received.append(signum)
+
+
+def install_stop_handlers() -> None:
+    """Record SIGUSR1/SIGTERM instead of dying (main thread only; idempotent)."""
+    for signum in STOP_SIGNALS:
+        if signum not in _previous:
+            _previous[signum] = signal.signal(signum, _record)
+
+
+def restore_default_handlers() -> None:
+    """Put back the handlers that were there before (tests, and the end of a stage)."""
+    for signum, handler in _previous.items():
+        signal.signal(signum, handler)
+    _previous.clear()
+    _received.clear()
+
+
+def stop_requested_locally() -> bool:
+    return bool(_received)
+
+
+def agreed_stop_signal() -> str | None:
+    """Collective over all ranks: the name of a stop signal any rank received, else None.
+
+    Every rank must call it at the same point of the step loop (it is an all-reduce).
+    """
+    local = float(_received[0]) if _received else 0.0
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return signal.Signals(int(local)).name if local else None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([local], dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    value = int(flag.item())
+    return signal.Signals(value).name if value else None
