@@ -44,7 +44,13 @@ class RewardConfig:
     repetition_weight: float = 1.0
     """Weight of the 3-gram repetition penalty (already <= 0, so keep the weight positive)."""
     combine: Literal["sum", "gated"] = "sum"
-    """'sum': weighted sum of all rewards; 'gated': accuracy counts only when the format reward is 1."""
+    """'sum': weighted sum of all rewards; 'gated': accuracy and the cosine bonus for a right answer count only in format."""
+    format_min_think_words: int = 5
+    """Words of reasoning the format reward asks for inside <think></think> (0: any non-empty text)."""
+    format_min_assessment_words: int = 2
+    """Words of assessment the format reward asks for between </think> and the box (0: any letter or digit)."""
+    truncated_unanswered: bool = True
+    """A completion cut at max_new_tokens has not answered: accuracy and format 0 (False: score its text)."""
     cosine_max_length: int = 4096
     """Length in tokens at which the cosine schedule ends (paper max completion length 4096)."""
     cosine_min_correct: float = 1.0
@@ -55,18 +61,27 @@ class RewardConfig:
     """Wrong-answer reward at length 0 (Yeo et al.: r_0^w = -10)."""
     cosine_max_wrong: float = 0.0
     """Wrong-answer reward at cosine_max_length and beyond (Yeo et al.: r_L^w = 0)."""
-    cosine_truncated_value: float | None = None
-    """Cosine reward of a truncated completion (Yeo et al. used -10); None scores it by length like the rest."""
+    cosine_truncated_value: float | None = -10.0
+    """Cosine reward of a truncated completion: Yeo et al.'s exceed-length penalty -10; None scores it by length."""
     repetition_ngram_size: int = 3
     """Word n-gram size of the repetition penalty (paper: 3-grams)."""
     repetition_max_penalty: float = -1.0
     """Penalty when every n-gram repeats; <= 0 (paper gives none: open-r1's default -1.0)."""
+    overlong_weight: float = 0.0
+    """Weight of DAPO's soft overlong punishment (0..-1 over the last overlong_buffer tokens); 0: off."""
+    overlong_buffer: int = 1024
+    """Tokens before cosine_max_length where the overlong punishment starts (paper tried 4:1 and 2:1 ratios)."""
     plugins: dict[str, float] = field(default_factory=dict)
     """Extra rewards: 'package.module:function' -> weight, loaded and checked at start-up."""
 
     def __post_init__(self):
         _check_choice("rewards.combine", self.combine, COMBINE_MODES)
-        for key in ("accuracy_weight", "format_weight", "cosine_weight", "repetition_weight",
+        for key in ("format_min_think_words", "format_min_assessment_words"):
+            if getattr(self, key) < 0:
+                raise _allowed(f"rewards.{key}", getattr(self, key), "integers >= 0")
+        if self.overlong_buffer < 1:
+            raise _allowed("rewards.overlong_buffer", self.overlong_buffer, "integers >= 1")
+        for key in ("accuracy_weight", "format_weight", "cosine_weight", "repetition_weight", "overlong_weight",
                     "cosine_min_correct", "cosine_max_correct", "cosine_min_wrong", "cosine_max_wrong",
                     "repetition_max_penalty"):
             _check_finite(f"rewards.{key}", getattr(self, key))

@@ -12,8 +12,16 @@ and one odd completion must not end a multi-day run. Each reward is logged on it
 weighted total feeds the group-relative advantages.
 
 The answer is the LAST \\boxed{...} of the completion and only a letter among the
-question's options counts: hedging with several boxed letters or boxing a letter that is
-not an option earns nothing.
+question's options counts: hedging with several boxed letters, one box naming several
+options (`\\boxed{A or B}`) or boxing a letter that is not an option earns nothing. With
+a think block, only a box after `</think>` is an answer: a letter boxed inside the
+reasoning (or before it) is not the final answer the paper's format asks for.
+
+Cheap wins closed by default, each a switch in RewardConfig (docs/GRPO.md): a token of
+"reasoning" (`<think>.</think>a \\boxed{A}`) no longer passes the format reward; with
+`combine: gated` the cosine bonus for a right answer is gated like accuracy; a truncated
+completion is unanswered and gets Yeo et al.'s exceed-length penalty, so it never
+out-scores a finished wrong answer and cannot raise its group's baseline.
 """
 
 from __future__ import annotations
@@ -83,8 +91,24 @@ def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
     return sorted(spans)
 
 
-def _letter_of(content: str) -> str | None:
-    """The single option letter written inside a box, or None."""
+# Another option letter standing alone, joined by "or"/"and"/","/"/" ("A or B", "A, C").
+_JOINED_LETTER = re.compile(r"(?:\b(?:or|and)\s+|[,/]\s*)\(?([A-Za-z])\b\)?", re.I)
+_LONE_CAPITAL = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
+
+
+def _names_several_options(rest: str, options: set[str]) -> bool:
+    """True when the text after a box's letter names further options ("or B", "B C D").
+
+    One lone capital is allowed ("B. Vitamin A deficiency" names vitamin A, not option A);
+    two or more, or one joined to the first by or/and/comma/slash, is a hedge.
+    """
+    lone = [letter for letter in _LONE_CAPITAL.findall(rest) if letter in options]
+    joined = [m.group(1).upper() for m in _JOINED_LETTER.finditer(rest) if m.group(1).upper() in options]
+    return len(lone) >= 2 or bool(joined)
+
+
+def _letter_of(content: str, options: set[str] | None = None) -> str | None:
+    """The single option letter written inside a box, or None (also when it names several)."""
     inner = content.strip().strip("$").strip()
     for _ in range(4):  # \textbf{\text{B}} nests at most a few levels in practice
         unwrapped = _WRAPPER.match(inner)
@@ -94,7 +118,12 @@ def _letter_of(content: str) -> str | None:
     if inner.startswith("{") and inner.endswith("}"):
         inner = inner[1:-1].strip()
     match = _LETTER.match(inner)
-    return match.group(1).upper() if match else None
+    if match is None:
+        return None
+    rest = inner[match.end(1):]
+    if options is not None and _names_several_options(rest, options):
+        return None
+    return match.group(1).upper()
 
 
 def _normalise_letters(option_letters: Sequence[str]) -> set[str]:
@@ -107,12 +136,30 @@ def extract_answer_letter(completion: str, option_letters: Sequence[str]) -> str
     if not spans:
         return None
     _, content_start, end = spans[-1]
-    letter = _letter_of(completion[content_start:end - 1])
-    return letter if letter in _normalise_letters(option_letters) else None
+    options = _normalise_letters(option_letters)
+    letter = _letter_of(completion[content_start:end - 1], options)
+    return letter if letter in options else None
+
+
+def answer_text(completion: str) -> str:
+    """The part of a completion that may hold the final answer: after the last `</think>`.
+
+    A completion that opens a think block and never closes it has no answer yet (it was
+    cut mid-thought); one without think tags is all answer (models that do not think).
+    """
+    close = completion.rfind(THINK_CLOSE)
+    if close >= 0:
+        return completion[close + len(THINK_CLOSE):]
+    return "" if THINK_OPEN in completion else completion
+
+
+def final_answer_letter(completion: str, option_letters: Sequence[str]) -> str | None:
+    """The answer the rewards and evaluation score: the last boxed option after the reasoning."""
+    return extract_answer_letter(answer_text(completion), option_letters)
 
 
 def _is_correct(completion: str, gold_letter: str, option_letters: Sequence[str]) -> bool:
-    letter = extract_answer_letter(completion, option_letters)
+    letter = final_answer_letter(completion, option_letters)
     return letter is not None and letter == str(gold_letter).strip().upper()
 
 
@@ -120,24 +167,38 @@ def _is_correct(completion: str, gold_letter: str, option_letters: Sequence[str]
 
 
 def accuracy_reward(*, completion: str, num_tokens: int, gold_letter: str,
-                    option_letters: Sequence[str], truncated: bool) -> float:
-    """+1 when the last boxed letter is the gold option, else 0 (paper Table 1)."""
+                    option_letters: Sequence[str], truncated: bool, truncated_unanswered: bool = True) -> float:
+    """+1 when the final boxed letter is the gold option, else 0 (paper Table 1).
+
+    truncated_unanswered: a completion cut at the length limit has not answered (0).
+    """
+    if truncated and truncated_unanswered:
+        return 0.0
     return 1.0 if _is_correct(completion, gold_letter, option_letters) else 0.0
 
 
+def _num_words(text: str) -> int:
+    return sum(1 for word in text.split() if any(ch.isalnum() for ch in word))
+
+
 def format_reward(*, completion: str, num_tokens: int, gold_letter: str,
-                  option_letters: Sequence[str], truncated: bool) -> float:
+                  option_letters: Sequence[str], truncated: bool, min_think_words: int = 5,
+                  min_assessment_words: int = 2, truncated_unanswered: bool = True) -> float:
     """1 when the completion is '<think>reasoning</think> assessment \\boxed{X}', else 0.
 
-    Exactly one think block, opening the completion (leading whitespace allowed) and not
-    empty; after it a non-empty assessment and exactly one \\boxed{} holding an option
-    letter, with only whitespace or punctuation after the box.
+    Exactly one think block, opening the completion (leading whitespace allowed), with at
+    least min_think_words words of reasoning; after it an assessment of at least
+    min_assessment_words words and exactly one \\boxed{} holding one option letter, with
+    only whitespace or punctuation after the box. A truncated completion (when
+    truncated_unanswered) has not finished its answer and fails.
     """
+    if truncated and truncated_unanswered:
+        return 0.0
     body = completion.lstrip()
     if not body.startswith(THINK_OPEN) or completion.count(THINK_OPEN) != 1 or completion.count(THINK_CLOSE) != 1:
         return 0.0
     thinking, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
-    if not thinking.strip():
+    if not thinking.strip() or _num_words(thinking) < min_think_words:
         return 0.0
     spans = _boxed_spans(answer)
     if len(spans) != 1 or answer.count("\\boxed") != 1:
@@ -145,9 +206,12 @@ def format_reward(*, completion: str, num_tokens: int, gold_letter: str,
     start, content_start, end = spans[0]
     content = answer[content_start:end - 1]
     assessment = answer[:start]
-    if not any(ch.isalnum() for ch in assessment) or not _AFTER_FINAL_BOX.match(answer[end:]):
+    if not any(ch.isalnum() for ch in assessment) or _num_words(assessment) < min_assessment_words:
         return 0.0
-    return 1.0 if _letter_of(content) in _normalise_letters(option_letters) else 0.0
+    if not _AFTER_FINAL_BOX.match(answer[end:]):
+        return 0.0
+    options = _normalise_letters(option_letters)
+    return 1.0 if _letter_of(content, options) in options else 0.0
 
 
 def _cosine(progress: float, start: float, end: float) -> float:
@@ -159,7 +223,7 @@ def cosine_length_reward(*, completion: str, num_tokens: int, gold_letter: str,
                          option_letters: Sequence[str], truncated: bool,
                          max_length: int = 4096, min_correct: float = 1.0, max_correct: float = 2.0,
                          min_wrong: float = -10.0, max_wrong: float = 0.0,
-                         truncated_value: float | None = None) -> float:
+                         truncated_value: float | None = -10.0, require_format: bool = False) -> float:
     """Cosine length scaling (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning").
 
     r = lo + 0.5 (hi - lo) (1 + cos(pi p)), p = min(num_tokens / max_length, 1): correct
@@ -167,7 +231,10 @@ def cosine_length_reward(*, completion: str, num_tokens: int, gold_letter: str,
     are preferred; wrong answers rise from min_wrong (short) to max_wrong (long), so a wrong
     answer after more reasoning is punished less. Length is in tokens and p is capped at 1,
     so nothing beyond max_length leaves the [min, max] ranges. A missing or invalid answer
-    is wrong. truncated_value, when set, replaces the reward of truncated completions.
+    is wrong. truncated_value, when set, replaces the reward of truncated completions (Yeo
+    et al.'s exceed-length penalty, -10); None scores them by length like the rest.
+    require_format (set under `combine: gated`): an answer counts as correct only in the
+    paper's format, so an unformatted right answer gets the wrong-answer curve.
     """
     if truncated and truncated_value is not None:
         return float(truncated_value)
@@ -175,7 +242,11 @@ def cosine_length_reward(*, completion: str, num_tokens: int, gold_letter: str,
     progress = 1.0 if num_tokens >= max_length else max(num_tokens, 0) / max_length
     if not math.isfinite(progress):
         progress = 1.0
-    if _is_correct(completion, gold_letter, option_letters):
+    correct = _is_correct(completion, gold_letter, option_letters)
+    if correct and require_format:
+        correct = format_reward(completion=completion, num_tokens=num_tokens, gold_letter=gold_letter,
+                                option_letters=option_letters, truncated=False) == 1.0
+    if correct:
         return _cosine(progress, start=max_correct, end=min_correct)
     return _cosine(progress, start=min_wrong, end=max_wrong)
 
@@ -195,6 +266,19 @@ def repetition_penalty_reward(*, completion: str, num_tokens: int, gold_letter: 
         return 0.0
     unique = len({tuple(words[i:i + ngram_size]) for i in range(total)})
     return max_penalty * (1.0 - unique / total) + 0.0  # + 0.0: no -0.0 in the logs
+
+
+def overlong_reward(*, completion: str, num_tokens: int, gold_letter: str,
+                    option_letters: Sequence[str], truncated: bool, max_length: int = 4096,
+                    buffer: int = 1024) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_length - buffer,
+    then falling linearly to -1 at max_length, -1 beyond. The paper's first length control
+    (section 4.4.1: 4:1 and 2:1 length:buffer ratios), kept as a switch (weight 0 by default)."""
+    if buffer <= 0 or num_tokens <= max_length - buffer:
+        return 0.0
+    if num_tokens > max_length:
+        return -1.0
+    return ((max_length - buffer) - num_tokens) / buffer
 
 
 # --- plug-ins ----------------------------------------------------------------------------
@@ -248,18 +332,25 @@ class RewardScores:
 
 def build_rewards(config: RewardConfig) -> list[NamedReward]:
     """The recipe's rewards with their parameters bound; plug-ins are imported and checked here."""
+    unanswered = config.truncated_unanswered
     rewards = [
-        NamedReward(name="accuracy", fn=accuracy_reward, weight=config.accuracy_weight),
-        NamedReward(name="format", fn=format_reward, weight=config.format_weight),
+        NamedReward(name="accuracy", weight=config.accuracy_weight, fn=functools.partial(
+            accuracy_reward, truncated_unanswered=unanswered)),
+        NamedReward(name="format", weight=config.format_weight, fn=functools.partial(
+            format_reward, min_think_words=config.format_min_think_words,
+            min_assessment_words=config.format_min_assessment_words, truncated_unanswered=unanswered)),
         NamedReward(name="cosine", weight=config.cosine_weight, fn=functools.partial(
             cosine_length_reward, max_length=config.cosine_max_length,
             min_correct=config.cosine_min_correct, max_correct=config.cosine_max_correct,
             min_wrong=config.cosine_min_wrong, max_wrong=config.cosine_max_wrong,
-            truncated_value=config.cosine_truncated_value)),
+            truncated_value=config.cosine_truncated_value, require_format=config.combine == "gated")),
         NamedReward(name="repetition", weight=config.repetition_weight, fn=functools.partial(
             repetition_penalty_reward, ngram_size=config.repetition_ngram_size,
             max_penalty=config.repetition_max_penalty)),
     ]
+    if config.overlong_weight:
+        rewards.append(NamedReward(name="overlong", weight=config.overlong_weight, fn=functools.partial(
+            overlong_reward, max_length=config.cosine_max_length, buffer=config.overlong_buffer)))
     for path, weight in config.plugins.items():
         rewards.append(NamedReward(name=path, fn=load_reward_fn(path), weight=weight))
     return rewards

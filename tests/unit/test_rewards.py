@@ -300,3 +300,80 @@ def test_combiner_never_raises(texts, num_tokens, combine):
     scores = score_completions(samples, build_rewards(RewardConfig()), combine=combine)
     assert scores.total.shape == (len(texts),)
     assert bool(scores.total.isfinite().all())
+
+
+# --- cheap wins closed (issue 11, 3b) and the truncated default (3) ------------------------
+
+def _total(texts, *, truncated, num_tokens, **config):
+    cfg = RewardConfig(**config)
+    samples = [RewardInput(completion=t, num_tokens=n, gold_letter="B", option_letters=OPTIONS, truncated=c)
+               for t, n, c in zip(texts, num_tokens, truncated)]
+    return score_completions(samples, build_rewards(cfg), combine=cfg.combine)
+
+
+def test_a_token_of_reasoning_no_longer_passes_the_format_reward():
+    fmt = build_rewards(RewardConfig())[1].fn
+    assert fmt(**kwargs("<think>.</think>a\\boxed{B}")) == 0.0
+    assert fmt(**kwargs("<think>one two three four</think> Assessment is clear \\boxed{B}")) == 0.0  # 4 < 5 words
+    assert fmt(**kwargs(GOOD)) == 1.0
+    lenient = build_rewards(RewardConfig(format_min_think_words=0, format_min_assessment_words=0))[1].fn
+    assert lenient(**kwargs("<think>.</think>a\\boxed{B}")) == 1.0  # the old rule, as a switch
+
+
+@pytest.mark.parametrize("box", [r"\boxed{A. or B}", r"\boxed{A: anything B C D}", r"\boxed{A or B}",
+                                 r"\boxed{A, C}", r"\boxed{A/B}", r"\boxed{(A) and (B)}"])
+def test_a_box_naming_several_options_is_no_answer(box):
+    assert extract_answer_letter(f"answer {box}", OPTIONS) is None
+    assert accuracy_reward(**kwargs(f"answer {box}", gold="A")) == 0.0
+
+
+@pytest.mark.parametrize("box, letter", [(r"\boxed{B. Vitamin A deficiency}", "B"),
+                                         (r"\boxed{C. Hepatitis B}", "C"), (r"\boxed{D: aspirin}", "D")])
+def test_an_option_text_with_one_capital_letter_still_counts(box, letter):
+    assert extract_answer_letter(box, OPTIONS) == letter
+
+
+@pytest.mark.parametrize("text", [
+    "<think>It is \\boxed{B} clearly, enough words here.</think> Assessment: unsure.",  # only inside think
+    "\\boxed{B} <think>reasoning goes here in five words</think> Assessment: see above.",  # before think
+    "<think>reasoning that never ends \\boxed{B}",  # think never closed
+])
+def test_a_letter_boxed_outside_the_final_answer_earns_no_accuracy(text):
+    assert accuracy_reward(**kwargs(text)) == 0.0
+
+
+def test_gated_also_gates_the_cosine_bonus_of_an_unformatted_right_answer():
+    unformatted = "Assessment: STEMI.\n\\boxed{B}"
+    gated = _total([GOOD, unformatted], truncated=[False, False], num_tokens=[100, 100], combine="gated")
+    summed = _total([GOOD, unformatted], truncated=[False, False], num_tokens=[100, 100], combine="sum")
+    assert summed.per_reward["cosine"][1] > 1.0  # right-answer curve under sum
+    wrong_curve = cosine_length_reward(**kwargs(r"\boxed{C}", num_tokens=100), max_length=4096)
+    assert gated.per_reward["cosine"][1].item() == pytest.approx(wrong_curve)
+    assert gated.per_reward["cosine"][0] == summed.per_reward["cosine"][0]  # formatted: unchanged
+
+
+@settings(max_examples=60, deadline=None)
+@given(finished_len=st.integers(0, 4096), truncated_len=st.integers(1, 8192),
+       truncated_text=st.sampled_from([GOOD, "<think>still thinking about the ECG", "\\boxed{B}", ""]))
+def test_a_truncated_completion_never_outscores_a_finished_wrong_one(finished_len, truncated_len, truncated_text):
+    wrong = GOOD.replace(r"\boxed{B}", r"\boxed{C}")
+    scores = _total([wrong, truncated_text], truncated=[False, True], num_tokens=[finished_len, truncated_len],
+                    repetition_weight=0.0)  # same texts' repetition aside: it is no length term
+    assert scores.total[1] <= scores.total[0]
+
+
+def test_todays_truncated_scoring_is_a_switch():
+    old = _total([GOOD], truncated=[True], num_tokens=[4096], truncated_unanswered=False,
+                 cosine_truncated_value=None)
+    assert old.per_reward["accuracy"][0] == 1.0 and old.per_reward["cosine"][0] == pytest.approx(1.0)
+
+
+def test_dapo_soft_overlong_punishment_by_hand():
+    from gazal_nemo.rl.rewards import overlong_reward
+
+    at = [overlong_reward(**kwargs("x", num_tokens=n), max_length=4096, buffer=1024) for n in (3072, 3584, 4096, 5000)]
+    assert at == [0.0, pytest.approx(-0.5), pytest.approx(-1.0), -1.0]
+    names = [r.name for r in build_rewards(RewardConfig(overlong_weight=1.0))]
+    assert names[-1] == "overlong" and "overlong" not in [r.name for r in build_rewards(RewardConfig())]
+    with pytest.raises(ValueError, match="rewards.overlong_buffer"):
+        RewardConfig(overlong_buffer=0)
