@@ -1,6 +1,6 @@
 """DoRA / LoRA SFT throughput: our megatron adapters next to Hugging Face transformers + PEFT.
 
-The SFT issue's two targets, on a Qwen3-8B shape at seq 4096 on one H100:
+The SFT issue's two targets, on a Qwen3-8B shape at seq 4096 on one GPU (an H200 in the GPU suite):
   ours DoRA / HF+PEFT DoRA tokens/s  >= 4x
   ours DoRA / ours LoRA tokens/s     >= 0.85 (DoRA within 15% of LoRA)
 
@@ -40,6 +40,7 @@ from bench.model_shapes import (  # noqa: E402
     build_hf,
     build_ours,
     hf_config_dict,
+    parse_shapes,
     time_hf_steps,
     time_ours_sft_steps,
 )
@@ -121,7 +122,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     variants = common.parse_variants(args.variants, VARIANTS)
-    shapes = common.parse_shapes(args.shape)
+    shapes = parse_shapes(args.shape)
     reporter = common.Reporter(BENCH, args.out_dir, device)
     jobs = []
     for variant in variants:  # every baseline before any megatron variant

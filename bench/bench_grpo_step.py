@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.model_shapes import build_hf, build_ours, hf_config_dict  # noqa: E402
+from bench.model_shapes import build_hf, build_ours, hf_config_dict, parse_shapes  # noqa: E402
 
 BENCH = "grpo_step"
 VARIANTS = ("trl", "ours")  # baseline first: no HF model may be built after init_parallel
@@ -348,7 +348,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     variants = common.parse_variants(args.variants, VARIANTS)
-    shapes = common.parse_shapes(args.shape)
+    shapes = parse_shapes(args.shape)
     reporter = common.Reporter(BENCH, args.out_dir, device)
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as workdir:
         tokenizer = make_tokenizer(workdir)

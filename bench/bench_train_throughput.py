@@ -16,7 +16,7 @@ master weights:
 
 Activation recompute is off on both sides by default (`--recompute full` turns on
 megatron's full recompute and HF's gradient checkpointing). Reported: tokens/s (median
-step), peak device memory, model TFLOP/s and MFU against the dense bf16 peak.
+step), peak device memory, model TFLOP/s and MFU against the dense bf16 peak (or `--peak-tflops`).
 
     python bench/bench_train_throughput.py --shape 1.7b --seq-length 4096       # GPU
     python bench/bench_train_throughput.py --shape tiny --device cpu --seq-length 128 --steps 2
@@ -36,6 +36,7 @@ from bench.model_shapes import (  # noqa: E402
     build_hf,
     build_ours,
     hf_config_dict,
+    parse_shapes,
     time_hf_steps,
     time_ours_sft_steps,
     train_flops_per_token,
@@ -53,6 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--recompute", default="none", choices=("none", "full"))
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "exadam"),
                         help="our update rule (the baseline is always torch AdamW)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 TFLOP/s that MFU is relative to; default: the device's datasheet dense "
+                             "bf16 peak (gazal_nemo.training.metrics), none on CPU. The GPU suite passes the "
+                             "H200's measured matmul rate, 790")
     args = parser.parse_args(argv)
     common.fill_defaults(args, full=dict(seq_length=4096, warmup=2, steps=4),
                          smoke=dict(seq_length=128, warmup=2, steps=3))
@@ -81,17 +86,17 @@ def _fields(name: str, args, device, run: dict, **extra) -> dict:
     tokens = args.seq_length * args.micro_batch_size
     tokens_per_s = tokens / summary["step_time_median_s"]
     tflops = tokens_per_s * train_flops_per_token(name, args.seq_length) / 1e12
-    peak = device_peak_tflops()
+    peak = args.peak_tflops or device_peak_tflops()
     return {**summary, "step_times_s": run["step_times_s"], "tokens_per_step": tokens, "tokens_per_s": tokens_per_s,
             "peak_mem_gib": common.peak_memory_gib(device), "model_tflops_per_s": tflops,
-            "mfu": tflops / peak if peak else None, "last_step": run["last"], **extra}
+            "mfu": tflops / peak if peak else None, "mfu_peak_tflops": peak, "last_step": run["last"], **extra}
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     variants = common.parse_variants(args.variants, VARIANTS)
-    shapes = common.parse_shapes(args.shape)
+    shapes = parse_shapes(args.shape)
     reporter = common.Reporter(BENCH, args.out_dir, device)
     measure = {"hf": measure_hf, "ours": measure_ours}
     jobs = []

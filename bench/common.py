@@ -73,16 +73,6 @@ def parse_variants(text: str, allowed: tuple[str, ...]) -> list[str]:
     return [v for v in allowed if v in wanted]
 
 
-def parse_shapes(text: str) -> list[str]:
-    from bench.model_shapes import SHAPES
-
-    shapes = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown or not shapes:
-        raise ValueError(f"--shape {text!r}: unknown {unknown}; allowed: {', '.join(SHAPES)}")
-    return shapes
-
-
 def fill_defaults(args, *, full: dict, smoke: dict) -> None:
     """Options left unset take the full-size default, or the smoke-test default when every
     requested shape is "tiny" (so `--shape tiny --device cpu` alone runs in seconds)."""
@@ -132,6 +122,14 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / GIB
+
+
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """Peak bytes the caching allocator held since the last `release_memory` (None on CPU):
+    the allocated peak plus fragmentation, what the memory planner's headroom item models."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / GIB
 
 
 def host_peak_rss_gib() -> float:
@@ -332,7 +330,8 @@ def run_variants(reporter: Reporter, jobs: list[tuple[dict, Callable[[], dict]]]
         try:
             fields = measure()
             record = {**identity, "status": "ok", "resident_before_gib": resident,
-                      "host_peak_rss_gib": host_peak_rss_gib(), **fields}
+                      "peak_reserved_gib": peak_reserved_gib(device), "host_peak_rss_gib": host_peak_rss_gib(),
+                      **fields}
         except Exception as error:  # noqa: BLE001 - an OOM in one variant must not hide the others
             traceback.print_exc()
             record = {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]}

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bench import common
+
 _QWEN3_COMMON = dict(
     model_type="qwen3",
     architectures=["Qwen3ForCausalLM"],
@@ -55,6 +57,15 @@ SHAPES: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
     ),
 }
+
+
+def parse_shapes(text: str) -> list[str]:
+    """The comma-separated --shape list, each checked against SHAPES."""
+    shapes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        raise ValueError(f"--shape {text!r}: unknown {unknown}; allowed: {', '.join(SHAPES)}")
+    return shapes
 
 
 def hf_config_dict(name: str) -> dict:
@@ -223,7 +234,6 @@ def causal_lm_batch(vocab_size: int, *, seq_length: int, micro_batch_size: int, 
 def time_ours_sft_steps(trainer: OursTrainer, args, device) -> dict:
     """Time our SFT step (the stage's own loss through megatron's schedule) on one random
     batch; releases the trainer afterwards. Shared by the throughput and DoRA benches."""
-    from bench import common
     from gazal_nemo.stages.sft import sft_forward_step
     from gazal_nemo.training.step import run_step
 
@@ -246,8 +256,6 @@ def time_ours_sft_steps(trainer: OursTrainer, args, device) -> dict:
 def time_hf_steps(model, params, args, device, *, lr: float, weight_decay: float, grad_clip: float) -> dict:
     """Time the Hugging Face baseline step (AdamW, bf16 autocast, clipped grads) on one random
     batch, the same batch `time_ours_sft_steps` uses. Shared by the throughput and DoRA benches."""
-    from bench import common
-
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batch = causal_lm_batch(model.config.vocab_size, seq_length=args.seq_length,
                             micro_batch_size=args.micro_batch_size, device=device, seed=args.seed)
