@@ -64,22 +64,37 @@ def build_stage_model(model_cfg: ModelConfig, parallel: ParallelConfig, precisio
     return shape, config, model, use_te
 
 
-def wrap_ddp(model, config, parallel: ParallelConfig):
-    """megatron DDP: fp32 grad buffers, grads reduce-scattered for the distributed optimizer."""
+def wrap_ddp(model, config, parallel: ParallelConfig, precision: PrecisionConfig | None = None):
+    """megatron DDP: grad buffers (fp32 unless precision.grad_reduce_in_fp32 is off), grads
+    reduce-scattered for the distributed optimizer, overlapped with backward when dp > 1."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    precision = precision or PrecisionConfig()
+    dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+    overlap_grad_reduce = dp > 1 if parallel.overlap_grad_reduce is None else parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather and parallel.distributed_optimizer and dp > 1,
         use_distributed_optimizer=parallel.distributed_optimizer, check_for_nan_in_grad=True,
     )
     return DistributedDataParallel(config, ddp_config, model)
+
+
+def finish_param_gather(chunks) -> None:
+    """With parallel.overlap_param_gather the updated params are all-gathered lazily in the
+    next forward: anything that reads them right after a step (checkpoint save, export)
+    must call this first. Does nothing when the overlap is off."""
+    for chunk in chunks:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_train_model(model_cfg, parallel, precision, train, *, adapter_cfg=None) -> TrainModel:
     shape, config, model, use_te = build_stage_model(model_cfg, parallel, precision, train, adapter_cfg=adapter_cfg)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train on this rank: every parameter is frozen")
-    return TrainModel(shape=shape, config=config, chunks=[wrap_ddp(model, config, parallel)], use_te=use_te)
+    return TrainModel(shape=shape, config=config, chunks=[wrap_ddp(model, config, parallel, precision)], use_te=use_te)
 
 
 def unwrap(chunk):

@@ -9,6 +9,7 @@ state save/load then handles EXAdam's `exp_avg`/`exp_avg_sq` exactly as Adam's.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -27,6 +28,8 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
     """megatron optimizer (distributed or not) whose inner update rule is `optim.name`."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    check_cpu_offload(optim, distributed=distributed)
+    offload = optim.cpu_offload_fraction > 0
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -40,12 +43,37 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
         fp16=precision.dtype == "fp16",
         params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision.dtype],
         use_distributed_optimizer=distributed,
+        # Offload as megatron-LM runs it: the precision-aware path hands the optimizer the
+        # 16-bit shards, so the fp32 main params live on the host with the moments (without
+        # it the fp32 main shards would stay on the GPU and only the moments would move).
+        optimizer_cpu_offload=offload,
+        optimizer_offload_fraction=optim.cpu_offload_fraction,
+        use_precision_aware_optimizer=offload,
+        overlap_cpu_optimizer_d2h_h2d=offload,
     )
     megatron_optimizer = get_megatron_optimizer(config, model_chunks)
     if optim.name == "exadam":
         for wrapper in inner_optimizers(megatron_optimizer):
-            wrapper.optimizer = _exadam_over(wrapper.optimizer.param_groups, optim)
+            if offload:
+                wrapper.optimizer = _hybrid_exadam(wrapper.optimizer, optim)
+            else:
+                wrapper.optimizer = _exadam_over(wrapper.optimizer.param_groups, optim)
+        if offload:
+            gc.collect()  # the replaced AdamW-based optimizers hold pinned host copies of every shard
     return megatron_optimizer
+
+
+def check_cpu_offload(optim: OptimConfig, *, distributed: bool) -> None:
+    """megatron's HybridDeviceOptimizer copies grads and params over CUDA streams into pinned
+    host memory, and only the distributed optimizer hands it per-rank shards: refuse early."""
+    if optim.cpu_offload_fraction == 0:
+        return
+    if not distributed:
+        raise ValueError(f"optim.cpu_offload_fraction={optim.cpu_offload_fraction} needs "
+                         "parallel.distributed_optimizer=true; allowed without it: 0")
+    if not torch.cuda.is_available():
+        raise ValueError(f"optim.cpu_offload_fraction={optim.cpu_offload_fraction} needs a CUDA GPU "
+                         "(megatron's HybridDeviceOptimizer uses CUDA streams and pinned memory); allowed on CPU: 0")
 
 
 def _exadam_over(param_groups: list[dict], optim: OptimConfig):
@@ -56,6 +84,23 @@ def _exadam_over(param_groups: list[dict], optim: OptimConfig):
     return ExAdam.from_param_groups(param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                     weight_decay=optim.weight_decay,
                                     step_size_schedule=optim.exadam_step_size_schedule)
+
+
+def _hybrid_exadam(hybrid, optim: OptimConfig):
+    """megatron's HybridDeviceOptimizer rebuilt with EXAdam as its host and device update rule
+    (it builds its sub-optimizers from classes; the groups keep megatron's lr / wd per group)."""
+    import functools
+
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    from gazal_nemo.optim.exadam import ExAdam
+
+    exadam = functools.partial(ExAdam, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                               weight_decay=optim.weight_decay, step_size_schedule=optim.exadam_step_size_schedule)
+    defaults = {k: v for k, v in hybrid.defaults.items() if k not in ("cpu_optimizer_cls", "gpu_optimizer_cls")}
+    groups = [{k: v for k, v in g.items() if k not in ("cpu_optimizer_cls", "gpu_optimizer_cls")}
+              for g in hybrid.param_groups]
+    return HybridDeviceOptimizer(groups, cpu_optimizer_cls=exadam, gpu_optimizer_cls=exadam, **defaults)
 
 
 def build_scheduler(megatron_optimizer, optim: OptimConfig, *, total_steps: int):
