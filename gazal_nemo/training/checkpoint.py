@@ -1,18 +1,25 @@
-"""Training checkpoints: save every N steps, keep the last K, resume exactly.
+"""Step checkpoints on megatron-core `dist_checkpointing`: reshardable, verified, atomic.
 
-A step checkpoint holds what a resumed run needs to continue the same loss curve: the
-trainable parameters (only the adapter when training an adapter, so they stay small;
-frozen base weights are re-read from the recipe's source), each rank's optimizer shard
-(the inner torch optimizer's state and its fp32 main params: under the distributed
-optimizer that is this DP rank's slice), the LR scheduler, the trainer state (step, data
-position) and the RNG states. One file per rank, so a resume uses the same parallel
-layout; `gazal convert` moves weights across layouts.
+A step checkpoint holds what a resumed run needs to continue the same loss curve (format
+and guarantees in docs/CHECKPOINTS.md):
+  * the trainable parameters under the keys of `model.sharded_state_dict()` (all of them
+    for full-parameter training, only the adapter's otherwise: frozen base weights are
+    re-read from the recipe's source), in their global shapes;
+  * the optimizer's fp32 main params and EXAdam moments in model space: with the
+    distributed optimizer each DP rank writes its slice of every TP-local tensor at its
+    offset (so DP and PP may change on resume, TP not); without it megatron's own
+    model-space format (full tensors: DP, TP and PP may change);
+  * the optimizer's param groups and step, and the LR scheduler (common state, rank 0);
+  * the RNG states of every rank, restored only when the layout is unchanged (a rank's
+    generator cannot be split or merged across a DP change);
+  * `trainer_state.json` (step, world_size, layout), `recipe.json` (for the resume check),
+    `hf/` (config + tokenizer, so the folder exports to HF on its own), and last of all
+    `manifest.json`: every file with its size.
 
-(megatron's own `save_parameter_state` path assumes Apex/TE Adam and fails on a native
-torch optimizer's per-parameter `step`; saving each rank's own shard avoids it.)
-
-Atomicity: everything is written into `step_XXXXXX.tmp/`; rank 0 renames it to
-`step_XXXXXX/` after a barrier, so a directory without `.tmp` is always complete.
+A checkpoint is complete only if its manifest lists exactly what is on disk. Everything is
+written into `step_N.tmp/` and renamed to `step_N/` after the manifest, pruning deletes the
+manifest before anything else, and a damaged latest checkpoint falls back to the newest
+complete one (rank 0 decides, every rank follows).
 """
 
 from __future__ import annotations
@@ -30,36 +37,155 @@ import torch.distributed as dist
 from gazal_nemo.training.optim import inner_optimizers
 
 STEP_PREFIX = "step_"
-
-
-def _ranks():
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-            ps.get_data_parallel_rank(with_context_parallel=True))
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+TMP_SUFFIX = ".tmp"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+RECIPE = "recipe.json"
+HF_SUBDIR = "hf"
+FORMAT_VERSION = 2
+# Param-group keys that are state; every other key (max_lr, min_lr, betas, eps, ...) is a
+# hyperparameter the *new* recipe decides, so an allowed change (resume_check.py) takes effect.
+_GROUP_STATE_KEYS = ("params", "step")
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
 
 
-def complete_checkpoints(root: str | Path) -> list[Path]:
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named step_N (None for anything else, e.g. step_N.tmp)."""
+    digits = path.name[len(STEP_PREFIX):]
+    return int(digits) if path.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """Every step_N folder under root, complete or not, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-             and p.name[len(STEP_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+# ---- completeness ---------------------------------------------------------------------------
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What is wrong with a step checkpoint folder (None when it is complete)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (the write or a prune was interrupted)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated or rewritten)"
+    try:
+        state = read_trainer_state(path)
+    except ValueError as e:
+        return str(e).removeprefix(f"{path}: ")
+    if state["step"] != checkpoint_step(path):
+        return f"{TRAINER_STATE} says step {state['step']}, the folder name another"
+    return None
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """True when every file the manifest lists is there with its size and the state parses."""
+    return checkpoint_problem(path) is None
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    return [p for p in step_dirs(root) if is_complete_checkpoint(p)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """trainer_state.json of a step checkpoint; ValueError naming the file when it is garbage."""
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+        int(state["step"]), int(state["world_size"])
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {TRAINER_STATE} is missing") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not a trainer state with step and world_size ({type(e).__name__}: {e})") from None
+    return state
+
+
+def read_saved_recipe(path: str | Path) -> dict:
+    file = Path(path) / RECIPE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read the saved recipe ({type(e).__name__})") from None
+
+
+def remove_stale_tmp(root: str | Path) -> list[Path]:
+    """Delete step_N.tmp folders left by a killed save (call on rank 0 only)."""
+    root = Path(root)
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name.endswith(TMP_SUFFIX)] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _choose_on_rank0(root: Path) -> tuple[str | None, list[str], str | None]:
+    """(checkpoint to resume, notes to print, error) as rank 0 sees the folder."""
+    for stale in remove_stale_tmp(root):
+        print(f"removed {stale}: an unfinished checkpoint write", flush=True)
+    candidates = step_dirs(root)
+    notes = []
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), notes, None
+        notes.append(f"checkpoint {path} is damaged: {problem}; falling back to an older one")
+    if candidates:
+        newest = candidates[-1]
+        return None, notes, (f"{root}: no usable checkpoint to resume; newest {newest.name}: "
+                             f"{checkpoint_problem(newest)} (delete the folder or set checkpoint.resume=false)")
+    return None, notes, None
+
+
+def choose_resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root, the same on every rank (None: start fresh).
+
+    Rank 0 removes stale .tmp folders, skips damaged checkpoints saying so, and refuses
+    with one line when step folders exist but none is usable.
+    """
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    choice = [None, [], None]
+    if not distributed or dist.get_rank() == 0:
+        choice = list(_choose_on_rank0(Path(root)))
+        for note in choice[1]:
+            print(note, flush=True)
+    if distributed:
+        dist.broadcast_object_list(choice, src=0)
+    path, _, error = choice
+    if error is not None:
+        raise ValueError(error)
+    return Path(path) if path is not None else None
+
+
+# ---- what is saved --------------------------------------------------------------------------
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(with_context_parallel=True),
+            "cp": ps.get_context_parallel_world_size()}
 
 
 def _rng_state() -> dict:
@@ -83,97 +209,299 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def trainable_state(model_chunks) -> dict:
-    return {f"{i}.{name}": p.detach().cpu().clone() for i, chunk in enumerate(model_chunks)
-            for name, p in chunk.named_parameters() if p.requires_grad}
+def _rng_sharded_object(state):
+    """One object per (pp, tp, dp) rank: restorable only at the same layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    layout = _layout()
+    shape = (layout["pp"], layout["tp"], layout["dp"])
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def trainable_sharded_state_dict(model_chunks) -> dict:
+    """The model's sharded state dict restricted to parameters that require grad."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from gazal_nemo.training.model_setup import unwrap
+
+    if len(model_chunks) != 1:
+        raise ValueError("step checkpoints support one model chunk per rank (no virtual pipeline)")
+    model = unwrap(model_chunks[0])
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    kept = {k: v for k, v in model.sharded_state_dict().items()
+            if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and id(v.data) in trainable}
+    missing = set(trainable) - {id(v.data) for v in kept.values()}
+    if missing:
+        raise ValueError(f"trainable parameters without a sharded checkpoint entry: "
+                         f"{sorted(trainable[i] for i in missing)[:5]}")
+    return kept
+
+
+def _is_distributed_optimizer(wrapper) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(wrapper, DistributedOptimizer)
+
+
+def _layer_prefix(sharded) -> tuple[tuple[int, ...], tuple[int, ...], tuple]:
+    """(global shape, offset) of the stacked-layer axes megatron prepends, and the replica id."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(sharded, ShardedTensorFactory):  # e.g. fused gate/up: its parts carry the layout
+        sharded = next(v for v in nested_values(sharded.build()) if isinstance(v, ShardedTensor))
+    n = sharded.prepend_axis_num
+    return tuple(sharded.global_shape[:n]), tuple(sharded.global_offset[:n]), sharded.replica_id
+
+
+def _distributed_optimizer_tensors(wrapper, chain_index: int, model_sd: dict) -> dict:
+    """This DP rank's slices of every main param and moment, as ShardedTensors in model space.
+
+    A DP rank owns the contiguous range [start, end) of each TP-local parameter flattened;
+    it is stored at that offset of a [*layers, tp, numel] tensor keyed by the model tensor,
+    so any DP size (and PP depth: layers are global) reads back the same values. megatron's
+    own model-space format needs `flattened_range`, which megatron-core 0.16 refuses, and its
+    bucket format breaks when the DDP bucket size changes with DP (docs/CHECKPOINTS.md).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    by_param = {id(v.data): v for v in model_sd.values()}
+    out = {}
+    for gbuf_range_maps in wrapper.gbuf_ranges:
+        for range_maps in gbuf_range_maps.values():
+            for range_map in range_maps:
+                for model_param, param_range in range_map["param_map"].items():
+                    start, end = param_range["param"].start, param_range["param"].end
+                    sharded = by_param[id(model_param)]
+                    layers, layer_offset, replica = _layer_prefix(sharded)
+                    main_replica = (replica[0] if isinstance(replica, tuple) else 0, 0,
+                                    wrapper.distributed_optimizer_instance_id)
+                    local_shape = (1,) * (len(layers) + 1) + (end - start,)
+                    for name, tensor in wrapper._get_main_param_and_optimizer_states(model_param).items():
+                        if name == "step":
+                            continue  # a shared count, kept in the param groups
+                        key = f"optimizer.{chain_index}.{'fp32_param' if name == 'param' else name}.{sharded.key}"
+                        out[f"{key}@{layer_offset}"] = ShardedTensor(  # one entry per layer
+                            key, tensor.view(local_shape), tensor.dtype, local_shape,
+                            (*layers, tp, model_param.numel()), (*layer_offset, tp_rank, start),
+                            axis_fragmentations=None, replica_id=main_replica)
+    return out
+
+
+def _optimizer_sharded(optimizer, model_sd: dict) -> dict:
+    """The optimizer part of the checkpoint: per wrapper, its common state plus its tensors."""
+    parts = {}
+    for i, wrapper in enumerate(inner_optimizers(optimizer)):
+        if _is_distributed_optimizer(wrapper):
+            parts[i] = {"common": wrapper.state_dict(),
+                        "tensors": _distributed_optimizer_tensors(wrapper, i, model_sd)}
+        else:  # megatron's model-space format: full TP-local tensors, reshardable anywhere
+            parts[i] = {"sharded": wrapper.sharded_state_dict(model_sd)}
+    return parts
+
+
+def _sharded_state(model_chunks, optimizer, *, with_rng: bool) -> dict:
+    model_sd = trainable_sharded_state_dict(model_chunks)
+    state = {"model": model_sd, "optimizer": _optimizer_sharded(optimizer, model_sd)}
+    if with_rng:
+        state["rng"] = _rng_sharded_object(_rng_state())
+    return state
+
+
+# ---- save -----------------------------------------------------------------------------------
+
+def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
+    tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
-def _optimizer_state(optimizer) -> dict:
-    inners = [w.optimizer for w in inner_optimizers(optimizer)]
-    scaler = getattr(optimizer, "grad_scaler", None)
-    return {
-        "inner": [o.state_dict() for o in inners],
-        "main_params": [[p.detach().cpu().clone() for g in o.param_groups for p in g["params"]] for o in inners],
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-    }
+def write_manifest(directory: Path) -> None:
+    """List every file with its size; written last, so its presence means "all is here"."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    _write_json_atomic(directory / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
 
 
-@torch.no_grad()
-def _load_optimizer_state(optimizer, saved: dict, where: Path) -> None:
-    inners = [w.optimizer for w in inner_optimizers(optimizer)]
-    if len(inners) != len(saved["inner"]):
-        raise ValueError(f"{where}: optimizer has {len(inners)} parts, checkpoint {len(saved['inner'])}")
-    for inner, state, mains in zip(inners, saved["inner"], saved["main_params"]):
-        inner.load_state_dict(state)
-        params = [p for g in inner.param_groups for p in g["params"]]
-        if [tuple(p.shape) for p in params] != [tuple(m.shape) for m in mains]:
-            raise ValueError(f"{where}: optimizer shard shapes differ (different parallel layout or model)")
-        for p, m in zip(params, mains):
-            p.copy_(m)
-    scaler = getattr(optimizer, "grad_scaler", None)
-    if scaler is not None and saved["grad_scaler"] is not None:
-        scaler.load_state_dict(saved["grad_scaler"])
+def remove_checkpoint(path: Path) -> None:
+    """Manifest first: an interrupted removal never leaves something that looks complete."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def _rank_file(directory: Path) -> Path:
-    return directory / f"rank{dist.get_rank():05d}.pt"
+def _prune(root: Path, newest_step: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop damaged ones older than this save."""
+    for path in step_dirs(root):
+        if checkpoint_step(path) < newest_step and not is_complete_checkpoint(path):
+            remove_checkpoint(path)
+    if keep_last > 0:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            remove_checkpoint(old)
+
+
+def _copy_hf_meta(recipe_dict: dict, dst: Path) -> None:
+    from gazal_nemo.convert.dist_ckpt import copy_hf_meta
+
+    hf_path = (recipe_dict.get("model") or {}).get("hf_path")
+    if hf_path and (Path(hf_path) / "config.json").is_file():
+        copy_hf_meta(hf_path, dst)
+
+
+def _pause_for_tests(step: int) -> None:
+    """GAZAL_TEST_CHECKPOINT_PAUSE="STEP:SECONDS": sleep before step STEP's manifest, so a test
+    can kill -9 every rank at a known point of a write (tests/e2e/test_resume_checks.py)."""
+    at, _, seconds = os.environ.get("GAZAL_TEST_CHECKPOINT_PAUSE", "").partition(":")
+    if at.isdigit() and int(at) == step:
+        import time
+
+        print(f"checkpoint: pausing {seconds}s before the manifest of step {step} (test hook)", flush=True)
+        time.sleep(float(seconds or 0))
 
 
 def save_checkpoint(root, step: int, *, model_chunks, optimizer, scheduler, trainer_state: dict,
                     recipe_dict: dict, keep_last: int) -> Path:
     """Write step `step` under root; returns the final directory (same on every rank)."""
+    from megatron.core import dist_checkpointing
+
     root = Path(root)
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
-    if dist.get_rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    _atomic_torch_save({
-        "params": trainable_state(model_chunks), "optimizer": _optimizer_state(optimizer),
-        "scheduler": scheduler.state_dict(), "rng": _rng_state(), "ranks": _ranks(),
-    }, _rank_file(tmp))
-    _barrier()
-    if dist.get_rank() == 0:
-        (tmp / "recipe.json").write_text(json.dumps(recipe_dict, indent=2))
-        state = dict(trainer_state, step=step, world_size=dist.get_world_size())
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + TMP_SUFFIX)
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(root)
+        tmp.mkdir()
+    dist.barrier()
+    sharded = _sharded_state(model_chunks, optimizer, with_rng=True)
+    sharded["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(sharded, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        trainable = "adapter" if _has_adapter(model_chunks) else "all"
+        _write_json_atomic(tmp / RECIPE, recipe_dict)
+        _write_json_atomic(tmp / TRAINER_STATE, dict(
+            trainer_state, step=step, world_size=dist.get_world_size(), layout=_layout(), trainable=trainable,
+            distributed_optimizer=any(_is_distributed_optimizer(w) for w in inner_optimizers(optimizer)),
+            format_version=FORMAT_VERSION))
+        _copy_hf_meta(recipe_dict, tmp / HF_SUBDIR)
+        _pause_for_tests(step)
+        write_manifest(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        _prune(root, step, keep_last)
+    dist.barrier()
     return final
 
 
+def _has_adapter(model_chunks) -> bool:
+    from gazal_nemo.peft.dora import adapted_layers
+
+    return bool(adapted_layers(model_chunks[0]))
+
+
+# ---- load -----------------------------------------------------------------------------------
+
+@torch.no_grad()
 def load_checkpoint(path, *, model_chunks, optimizer, scheduler) -> dict:
-    """Restore a step checkpoint in place; returns its trainer state."""
+    """Restore a step checkpoint in place, at this job's layout; returns its trainer state."""
     path = Path(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("world_size") != dist.get_world_size():
-        raise ValueError(f"{path}: saved with world size {state.get('world_size')}, now {dist.get_world_size()}; "
-                         "resume needs the same layout (export and re-convert to change it)")
-    saved = torch.load(_rank_file(path), weights_only=False)
-    if tuple(saved["ranks"]) != _ranks():
-        raise ValueError(f"{path}: rank layout (tp, pp, dp) {saved['ranks']} differs from now {_ranks()}")
-    params = saved["params"]
-    with torch.no_grad():
-        for i, chunk in enumerate(model_chunks):
-            for name, p in chunk.named_parameters():
-                if p.requires_grad:
-                    key = f"{i}.{name}"
-                    if key not in params:
-                        raise KeyError(f"{path}: checkpoint has no tensor {key}")
-                    p.copy_(params[key])
-    _load_optimizer_state(optimizer, saved["optimizer"], path)
-    scheduler.load_state_dict(saved["scheduler"])
-    _set_rng_state(saved["rng"])
+    state = read_trainer_state(path)
+    _check_reshardable(path, state)
+    same_layout = state.get("layout") == _layout()
+    recipe_hyper = [[{k: v for k, v in g.items() if k not in _GROUP_STATE_KEYS} for g in w.optimizer.param_groups]
+                    for w in inner_optimizers(optimizer)]
+    model_sd = trainable_sharded_state_dict(model_chunks)
+    sharded = {"model": model_sd, "optimizer": _optimizer_load_request(optimizer, model_sd, _load_common(path))}
+    if same_layout:
+        sharded["rng"] = _rng_sharded_object(None)
+    # megatron's load replaces the ShardedTensors in `sharded` in place: keep the targets
+    targets = {i: {k: t.data for k, t in part["tensors"].items()}
+               for i, part in sharded["optimizer"].items() if "tensors" in part}
+    loaded = _dist_load(sharded, path)
+    _load_model(model_chunks, loaded["model"], path)
+    _restore_optimizer(optimizer, loaded["optimizer"], targets)
+    for wrapper, groups in zip(inner_optimizers(optimizer), recipe_hyper):
+        for group, hyper in zip(wrapper.optimizer.param_groups, groups):
+            group.update(hyper)
+    _load_scheduler(scheduler, loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng"])
     return state
+
+
+def _optimizer_load_request(optimizer, model_sd: dict, common: dict) -> dict:
+    """What each optimizer wrapper reads: the distributed one gets its param groups and step
+    from the common state first (that allocates its moments), then asks for its slices."""
+    request = {}
+    for i, wrapper in enumerate(inner_optimizers(optimizer)):
+        if _is_distributed_optimizer(wrapper):
+            wrapper.load_state_dict(common["optimizer"][i]["common"])
+            request[i] = {"tensors": _distributed_optimizer_tensors(wrapper, i, model_sd)}
+        else:
+            request[i] = {"sharded": wrapper.sharded_state_dict(model_sd, is_loading=True)}
+    return request
+
+
+def _load_model(model_chunks, loaded: dict, path: Path) -> None:
+    from gazal_nemo.training.model_setup import unwrap
+
+    _, unexpected = unwrap(model_chunks[0]).load_state_dict(loaded, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: tensors this model does not have: {unexpected[:5]}")
+
+
+def _restore_optimizer(optimizer, loaded: dict, targets: dict) -> None:
+    for i, wrapper in enumerate(inner_optimizers(optimizer)):
+        if i in targets:
+            for key, tensor in loaded[i]["tensors"].items():
+                if tensor is not targets[i][key]:
+                    targets[i][key].copy_(tensor)
+        else:
+            wrapper.load_state_dict(loaded[i]["sharded"])
+
+
+def _dist_load(sharded: dict, path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(sharded, str(path))
+    except Exception as e:  # noqa: BLE001 - torch/megatron raise many types for a bad file
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ValueError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from None
+
+
+def _load_common(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: common state unreadable ({type(e).__name__})") from None
+
+
+def _check_reshardable(path: Path, state: dict) -> None:
+    """The distributed optimizer's slices are stored per TP rank: DP and PP may change, TP not."""
+    saved, now = state.get("layout") or {}, _layout()
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION} "
+                         "(written by another gazal version); resume it with that version or start fresh")
+    if state.get("distributed_optimizer") and saved.get("tp") != now["tp"]:
+        raise ValueError(f"{path}: saved at parallel.tp={saved.get('tp')} with the distributed optimizer, now "
+                         f"tp={now['tp']}; its optimizer state reshards over DP and PP only (resume at "
+                         f"tp={saved.get('tp')}, or save with parallel.distributed_optimizer=false)")
+
+
+def _load_scheduler(scheduler, saved: dict) -> None:
+    """Restore the step count; the schedule's shape (max/min lr, warmup, decay) is the recipe's,
+    so an allowed change of optim.lr takes effect instead of being overwritten."""
+    override = scheduler.override_opt_param_scheduler, scheduler.use_checkpoint_opt_param_scheduler
+    scheduler.override_opt_param_scheduler, scheduler.use_checkpoint_opt_param_scheduler = True, False
+    try:
+        scheduler.load_state_dict(saved)
+    finally:
+        scheduler.override_opt_param_scheduler, scheduler.use_checkpoint_opt_param_scheduler = override

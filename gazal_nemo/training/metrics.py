@@ -7,6 +7,7 @@ peak; on CPU (no known peak) it is left out rather than guessed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,10 @@ def train_flops_per_token(*, num_params: int, num_layers: int, hidden: int, seq_
 class MetricsLogger:
     """Writes each logged step everywhere it is asked to go."""
 
-    def __init__(self, log_dir: str | Path, *, total_steps: int, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, log_dir: str | Path, *, total_steps: int, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int = 0):
+        """resume_step: the step this job resumes after; rows logged beyond it by an earlier
+        job (steps it replays now) are dropped, so the log keeps one row per step."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.start = time.time()
@@ -44,12 +48,14 @@ class MetricsLogger:
             return
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics_jsonl(self.dir / "metrics.jsonl", keep_through_step=resume_step)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+                # purge_step hides events at steps >= it that an earlier job wrote
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 print("tensorboard is not installed: TensorBoard logging is off", file=sys.stderr)
 
@@ -77,6 +83,29 @@ class MetricsLogger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def truncate_metrics_jsonl(path: Path, *, keep_through_step: int) -> int:
+    """Drop rows with step > keep_through_step (and a torn last line) by an atomic rewrite;
+    returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line cut by a kill mid-write
+            continue
+        if step <= keep_through_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def _plain(metrics: dict) -> dict:
