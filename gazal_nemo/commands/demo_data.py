@@ -7,7 +7,8 @@ task with half the letters replaced by random ones, so SFT leaves a partly right
 options, answer) ask "Which option is the word X?" with X placed at a letter fixed per word:
 a small set of facts, like the knowledge an MCQ tests, that a 2-layer model can learn from
 the accuracy reward alone (the plain copy task of make_synthetic_mcq_rows needs an
-induction circuit that a tiny model does not find in a few dozen RL steps).
+induction circuit that a tiny model does not find in a few dozen RL steps). The demo's
+benchmark is more of the same facts with other distractors, in MedQA's US jsonl layout.
 """
 
 from __future__ import annotations
@@ -56,3 +57,11 @@ def write_demo_data(out_dir: str | Path, model_dir: str | Path, *, num_sft: int 
         "sft": write_jsonl(out_dir / "sft_medreason.jsonl", sft_rows(num_sft, seed=seed)),
         "grpo": write_jsonl(out_dir / "grpo_mcq.jsonl", fact_mcq_rows(num_grpo, seed=seed + 7)),
     }
+
+
+def write_demo_benchmark(out_path: str | Path, *, num_questions: int = 64, seed: int = 101) -> Path:
+    """Held-out fact questions as a MedQA US jsonl file (question, options, answer, answer_idx, meta_info)."""
+    rows = [{"question": row["question"], "answer": row["options"][row["answer"]], "options": row["options"],
+             "meta_info": "demo", "answer_idx": row["answer"]}
+            for row in fact_mcq_rows(num_questions, seed=seed)]
+    return write_jsonl(out_path, rows)

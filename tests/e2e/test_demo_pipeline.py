@@ -1,5 +1,6 @@
-"""The README's main job: `gazal demo` runs convert -> SFT -> export -> GRPO on a tiny CPU
-model, and GRPO raises the accuracy reward on its verifiable MCQ task."""
+"""The README's main job: `gazal demo` runs convert -> SFT -> export -> GRPO -> export ->
+eval on a tiny CPU model; GRPO raises the accuracy reward on its verifiable MCQ task and the
+evaluation on held-out questions (MedQA layout) scores the GRPO model above the SFT adapter."""
 
 import json
 import subprocess
@@ -18,7 +19,9 @@ def test_demo_runs_the_pipeline_and_grpo_learns(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     work = tmp_path / "demo"
     for path in ("base_megatron/metadata.json", "sft/export/adapter/adapter_config.json",
-                 "sft/export/merged/config.json", "sft/export/merged/model.safetensors.index.json"):
+                 "sft/export/merged/config.json", "sft/export/merged/model.safetensors.index.json",
+                 "grpo/export/merged/config.json", "grpo/export/megatron/metadata.json",
+                 "eval/sft/predictions.jsonl", "eval/grpo/results.md"):
         assert (work / path).is_file(), path
     sft = [json.loads(x) for x in (work / "sft/logs/metrics.jsonl").read_text().splitlines()]
     assert sft[-1]["loss"] < 0.1 * sft[0]["loss"]
@@ -28,3 +31,12 @@ def test_demo_runs_the_pipeline_and_grpo_learns(tmp_path):
     assert len(grpo) == 60
     assert late >= early + 0.15, f"GRPO did not learn: accuracy {early:.2f} (first 5 steps) -> {late:.2f} (last 10)"
     assert "GRPO accuracy reward" in proc.stdout
+    evaluated = {name: json.loads((work / f"eval/{name}/results.json").read_text())["results"]["medqa"]
+                 for name in ("sft", "grpo")}
+    assert all(r["records"] == 64 and "consistent_accuracy" in r for r in evaluated.values())
+    assert evaluated["grpo"]["accuracy"] > evaluated["sft"]["accuracy"], evaluated
+    # The GRPO step checkpoint (exported on the fly) answers exactly like the stage's merged export.
+    step, merged = ([json.loads(x)["completion"] for x in (work / f"eval/{name}/predictions.jsonl").read_text()
+                     .splitlines()] for name in ("grpo_step", "grpo"))
+    assert step == merged
+    assert "| GRPO (merged export) |" in proc.stdout
