@@ -9,6 +9,8 @@ scalars and merged before validation, so they get exactly the same checks.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import types
 import typing
 from pathlib import Path
@@ -123,7 +125,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r}: bad key {key!r}")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: value is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -159,14 +164,64 @@ def _child(node, part: str, text: str):
     return child
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+def require_file(path: str | Path, what: str) -> Path:
+    """`path` if it is a readable regular file; else FileNotFoundError / ValueError saying what it is instead.
+
+    One place for the ways a user-given input path goes wrong (missing, a folder, a symlink
+    loop, a dangling link, no permission), so every reader names the file the same way.
+    """
+    path = Path(path).expanduser()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{what} {path}: a symlink loop") from None
+        if path.is_symlink():
+            raise FileNotFoundError(f"{what} {path}: a broken symlink (to {os.readlink(path)})") from None
+        if e.errno == errno.ENOTDIR:
+            raise FileNotFoundError(f"{what} {path} does not exist (a parent of it is a file)") from None
+        if e.errno == errno.ENOENT:
+            raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise ValueError(f"{what} {path}: {e.strerror}") from None
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {path}: not readable (permission denied)")
+    return path
+
+
+def require_writable_dir(path: str | Path, key: str) -> Path:
+    """`path` if it is a folder, or can be made one: no part of it is a file and the nearest
+    existing folder is writable. Checked at start so a bad output location fails before
+    training, not at the first save hours later. Creates nothing."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        probe = probe.parent
+    if probe.is_symlink() and not probe.exists():
+        raise ValueError(f"{key}={str(path)!r}: {probe} is a broken symlink or a symlink loop")
+    if not probe.is_dir():
+        where = "is a file, not a folder" if probe == path else f"cannot be created: {probe} is a file"
+        raise ValueError(f"{key}={str(path)!r}: {where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={str(path)!r}: cannot write in {probe} (permission denied)")
+    return path
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = require_file(path, "recipe")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path}: not valid YAML: {e}") from None
+        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        raise ValueError(f"recipe {path} is empty (no sections)")
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path}: top level must be a mapping")
+        raise ValueError(f"recipe {path}: top level must be a mapping of sections, got a {type(data).__name__}")
     return data

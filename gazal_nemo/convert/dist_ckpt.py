@@ -10,14 +10,21 @@ leading axis, so a checkpoint written at one TP/PP loads at any other.
 
 Folders appear atomically: everything is written into a hidden `.<name>.partial*` sibling
 and renamed into place at the end, so a crash never leaves a folder that looks complete.
+A converter's staging folder holds an owner marker (host, pid, process start time); the
+next run to the same output removes staging folders whose owner is gone (kill -9, power
+loss), so a crashed 32B conversion does not leak tens of GB.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT_INFO = "gazal_checkpoint.json"
+STAGE_OWNER_FILE = ".gazal_stage_owner.json"  # inside a staging folder; removed before it is published
+_UNOWNED_STAGE_MAX_AGE_S = 3600  # staging folders without a marker (older code) are removed after this
 HF_SUBDIR = "hf"
 FORMAT_VERSION = 1
 MEGATRON_MARKER = "metadata.json"  # megatron writes it last; its presence means "a dist checkpoint"
@@ -56,11 +65,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
     """Refuse to replace an existing output unless asked to (checked before any heavy work)."""
+    from gazal_nemo.config_io import require_writable_dir
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"{out_dir}: output already exists; pass --overwrite (overwrite=True) to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder")
+    require_writable_dir(out_dir, "--out")
     return out_dir
 
 
@@ -77,16 +89,80 @@ def publish_dir(stage: Path, out_dir: Path) -> None:
 
 @contextmanager
 def staged_output_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty hidden sibling of out_dir; on success it becomes out_dir, on error it is removed."""
+    """Yield a hidden sibling of out_dir, empty but for its owner marker; on success it becomes
+    out_dir (without the marker), on error it is removed.
+
+    Staging folders of earlier runs to the same out_dir whose owner process is gone are removed first.
+    """
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(out_dir)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        (stage / STAGE_OWNER_FILE).write_text(json.dumps(_this_process()) + "\n")
         yield stage
+        (stage / STAGE_OWNER_FILE).unlink()
         publish_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def remove_stale_stages(out_dir: Path) -> list[Path]:
+    """Remove `.<out_dir name>.partial-*` folders whose owner process has died; returns them.
+
+    A folder owned by a live process (a concurrent run), or by a process on another host
+    (whose liveness cannot be checked from here), is left alone.
+    """
+    removed = []
+    for stage in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.partial-*")):
+        if stage.is_dir() and not stage.is_symlink() and _stage_is_abandoned(stage):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+            print(f"removed {stage}: staging folder of a conversion that is no longer running", file=sys.stderr)
+    return removed
+
+
+def _stage_is_abandoned(stage: Path) -> bool:
+    marker = stage / STAGE_OWNER_FILE
+    try:
+        owner = json.loads(marker.read_text())
+    except FileNotFoundError:  # written by older code, or a run that is just starting
+        try:
+            return time.time() - stage.stat().st_mtime > _UNOWNED_STAGE_MAX_AGE_S
+        except OSError:
+            return False
+    except (OSError, ValueError):
+        return False
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    return not _process_alive(int(owner.get("pid", -1)), owner.get("start"))
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux /proc), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after "(comm)"
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    current = _process_start(pid)
+    return start is None or current is None or current == start
 
 
 def copy_hf_meta(src_dir: str | Path, dst_dir: str | Path, *, dtype: torch.dtype | None = None) -> None:
@@ -113,10 +189,12 @@ def write_checkpoint_info(ckpt_dir: Path, *, source: str, dtype: torch.dtype, cr
 
 def read_checkpoint_info(ckpt_dir: str | Path) -> dict | None:
     """The folder's gazal_checkpoint.json (None for a plain megatron checkpoint)."""
+    from gazal_nemo.hub import read_json_file
+
     path = Path(ckpt_dir) / CHECKPOINT_INFO
     if not path.is_file():
         return None
-    info = json.loads(path.read_text())
+    info = read_json_file(path, "checkpoint info")
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={info.get('format_version')} is newer than this code "
                          f"understands (<= {FORMAT_VERSION})")
@@ -124,22 +202,61 @@ def read_checkpoint_info(ckpt_dir: str | Path) -> dict | None:
 
 
 def stored_entries(ckpt_dir: str | Path) -> dict:
-    """Key -> storage metadata of every tensor and object in a dist checkpoint (reads `.metadata` only)."""
+    """Key -> storage metadata of every tensor and object in a dist checkpoint.
+
+    Reads `.metadata` and checks that every data file it names is there and long enough, so a
+    missing or truncated `.distcp` is named now rather than failing inside torch's reader.
+    """
     from torch.distributed.checkpoint import FileSystemReader
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MEGATRON_MARKER).is_file() or not (ckpt_dir / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no {MEGATRON_MARKER} "
                                 "or .metadata)")
-    return dict(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as e:  # unpickling a damaged file raises whatever the bytes happen to decode to
+        raise ValueError(f"{ckpt_dir / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
+    check_storage_files(ckpt_dir, metadata.storage_data or {})
+    return dict(metadata.state_dict_metadata)
+
+
+def check_storage_files(ckpt_dir: Path, storage_data: dict) -> None:
+    """Every `.distcp` file the metadata names exists and holds the byte ranges it points at."""
+    needed: dict[str, tuple[int, str]] = {}
+    for index, info in storage_data.items():
+        end = info.offset + info.length
+        if end > needed.get(info.relative_path, (0, ""))[0]:
+            needed[info.relative_path] = (end, index.fqn)
+    for relative_path, (end, key) in sorted(needed.items()):
+        path = ckpt_dir / relative_path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: data file of tensor {key!r} is missing from the checkpoint")
+        size = path.stat().st_size
+        if size < end:
+            raise ValueError(f"{path}: truncated ({size} bytes, tensor {key!r} needs {end}); the checkpoint "
+                             "is damaged, convert or save it again")
 
 
 @contextmanager
 def single_process_dcp() -> Iterator[None]:
-    """torch.distributed.checkpoint used on purpose without a process group (converters): no warning."""
+    """torch.distributed.checkpoint used on purpose without a process group (converters): no warning.
+
+    torch wraps any failure inside its reader/writer (our KeyboardInterrupt, a ValueError naming
+    a truncated shard) in a CheckpointException; with one process there is one failure, and it
+    is re-raised as itself so that Ctrl-C stays Ctrl-C and the CLI can print the message.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        try:
+            yield
+        except CheckpointException as e:
+            failures = [f[0] for f in e.failures.values() if isinstance(f, tuple) and f]
+            if len(failures) != 1 or not isinstance(failures[0], BaseException):
+                raise
+            raise failures[0] from None
 
 
 def _unwrap(model):

@@ -32,7 +32,7 @@ class HFCheckpointReader:
         single = self.dir / "model.safetensors"
         self._headers: dict[str, tuple[int, dict]] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         elif single.is_file():
             weight_map = {k: single.name for k in self._header(single.name)[1]}
         else:
@@ -80,16 +80,50 @@ class HFCheckpointReader:
             path = self.dir / shard
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: shard named in the index is missing")
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            data_start = 8 + length
+            data_start, header = read_safetensors_header(path)
             data_bytes = path.stat().st_size - data_start
             if any(entry["data_offsets"][1] > data_bytes for entry in header.values()):
                 raise ValueError(f"{path}: file is shorter than its header says (truncated download?)")
             self._headers[shard] = (data_start, header)
         return self._headers[shard]
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, name -> entry) of a .safetensors file; ValueError naming the
+    file when it is too short, cut inside its header, or the header is not safetensors JSON."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short to be a safetensors file (truncated download?)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise ValueError(f"{path}: cut inside its header ({size} bytes, the header alone needs {length + 8}; "
+                             "truncated download?)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: header is not valid safetensors JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and "shape" in entry and "dtype" in entry):
+            raise ValueError(f"{path}: header entry for tensor {name!r} is malformed")
+    return 8 + length, header
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard map of model.safetensors.index.json, naming the file when it is broken."""
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8")).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: no weight_map of tensor name -> shard file")
+    return weight_map
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}

@@ -121,6 +121,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     progress: called with each chunk's name as it is converted (CLI logging).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp={tp} pp={pp}: both must be >= 1")
     shape = Qwen3Shape.from_pretrained(hf_dir)
     shape.check_parallel(tp=tp, pp=pp)
     check_output_dir(out_dir, overwrite=overwrite)

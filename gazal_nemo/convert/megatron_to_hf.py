@@ -40,6 +40,7 @@ from gazal_nemo.convert.mapping import (
     megatron_shape,
     to_hf,
 )
+from gazal_nemo.hub import check_model_dir
 from gazal_nemo.models.qwen3 import Qwen3Shape
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default "5GB"; memory does not depend on it
@@ -94,6 +95,7 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: 
     check_output_dir(out_dir, overwrite=overwrite)
     read_checkpoint_info(ckpt_dir)  # refuses folders written by a newer format
     meta_dir = Path(hf_meta_dir) if hf_meta_dir is not None else ckpt_dir / HF_SUBDIR
+    check_model_dir(meta_dir, what="--hf-meta-dir" if hf_meta_dir is not None else "checkpoint hf/ folder")
     shape = Qwen3Shape.from_pretrained(meta_dir)
     reader = DistCheckpointReader(ckpt_dir)
     validate_dist_tensors(reader.entries, shape, ckpt_dir, ignore_extra_keys=ignore_extra_keys)

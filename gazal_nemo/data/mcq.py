@@ -22,11 +22,11 @@ import string
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from gazal_nemo.data.sft import BadRow, BadRowError, format_options
+from gazal_nemo.data.sources import MALFORMED_FIELD
 from gazal_nemo.rl.config import MCQDataConfig
 
 _MAX_LISTED_BAD_ROWS = 20
@@ -141,21 +141,24 @@ def resolve_system_prompt(system_prompt: str | None) -> str:
 
 
 def load_mcq_dataset(cfg: MCQDataConfig):
-    """The rows as a `datasets.Dataset`: a local json/jsonl/parquet file or folder, or a hub id."""
+    """The rows: a list of dicts (local JSON), a `datasets.Dataset` (local parquet) or a hub dataset.
+
+    Local JSON lines that cannot be read become bad rows (see `gazal_nemo.data.sources`).
+    """
+    from gazal_nemo.data.sources import is_local_source, read_local_rows
+
+    try:
+        if is_local_source(cfg.path):
+            return read_local_rows(cfg.path)
+    except ValueError as e:
+        raise ValueError(f"data.path={cfg.path!r}: {e}") from None
     from datasets import load_dataset
 
-    from gazal_nemo.data.sources import _local_files, _looks_like_local_path
-
-    local = Path(cfg.path)
-    if local.exists():
-        builder, files = _local_files(local)
-        return load_dataset(builder, data_files={"train": files}, split="train")
-    if _looks_like_local_path(cfg.path):
-        raise ValueError(f"data.path={cfg.path!r} does not exist")
     return load_dataset(cfg.path, split=cfg.split)
 
 
 def _columns(rows, cfg: MCQDataConfig) -> list[list]:
+    """[questions, options, answers, why-malformed (None for readable rows)], column by column."""
     keys = [("data.question_key", cfg.question_key), ("data.options_key", cfg.options_key),
             ("data.answer_key", cfg.answer_key)]
     if hasattr(rows, "column_names"):
@@ -163,8 +166,12 @@ def _columns(rows, cfg: MCQDataConfig) -> list[list]:
             if column not in rows.column_names:
                 raise ValueError(f"{config_key}={column!r}: no such column in {cfg.path}; "
                                  f"columns: {rows.column_names}")
-        return [list(rows[column]) for _, column in keys]
-    return [[row.get(column) for row in rows] for _, column in keys]
+        return [list(rows[column]) for _, column in keys] + [[None] * len(rows)]
+    present = set().union(*(row.keys() for row in rows)) - {MALFORMED_FIELD}
+    for config_key, column in keys:
+        if present and column not in present:  # no readable row: every row is bad, reported as such
+            raise ValueError(f"{config_key}={column!r}: no such column in {cfg.path}; columns: {sorted(present)}")
+    return [[row.get(column) for row in rows] for _, column in keys] + [[row.get(MALFORMED_FIELD) for row in rows]]
 
 
 def _draw_subset(num_valid: int, fraction: float, seed: int) -> np.ndarray:
@@ -180,9 +187,12 @@ def build_mcq_prompts(rows, cfg: MCQDataConfig, tokenizer) -> tuple[list[MCQProm
 
     rows: a `datasets.Dataset` or a list of dicts with the configured column names.
     """
-    questions, options, answers = _columns(rows, cfg)
+    questions, options, answers, malformed = _columns(rows, cfg)
     valid, bad_rows = [], []
     for index, row in enumerate(zip(questions, options, answers)):
+        if malformed[index] is not None:
+            bad_rows.append(BadRow(source=cfg.path, row=index, reason=f"malformed line: {malformed[index]}"))
+            continue
         try:
             valid.append((index, *parse_mcq_row(*row)))
         except BadRowError as error:
@@ -226,9 +236,10 @@ def _check_bad_fraction(report: MCQDataReport, max_bad_fraction: float) -> None:
         raise ValueError(f"MCQ data {report.source}: no rows")
     fraction = report.num_bad / report.num_rows
     if fraction > max_bad_fraction:
+        first = report.bad_rows[0]
         raise ValueError(f"MCQ data {report.source}: {report.num_bad} of {report.num_rows} rows are bad "
-                         f"({100 * fraction:.2f}%), more than data.max_bad_fraction={max_bad_fraction}\n"
-                         + report.summary())
+                         f"({100 * fraction:.2f}%), more than data.max_bad_fraction={max_bad_fraction}; "
+                         f"first: row {first.row}: {first.reason}\n" + report.summary())
 
 
 # --- synthetic task for CPU end-to-end tests ----------------------------------------------

@@ -100,3 +100,18 @@ Critical Errors to Avoid
 
 Apply rigorous clinical reasoning with proper formatting to achieve accurate medical decisions."""
 """Appendix B.2: the system prompt of every GRPO prompt (asks for \\boxed{X} with X in A-E)."""
+
+_B2_LETTER_LIST = "A, B, C, D or E"
+
+
+def grpo_system_prompt_for_letters(letters) -> str:
+    """B.2 with its letter list "A, B, C, D or E" replaced by these letters ("A, B or C").
+
+    Evaluation's one deviation from the paper's prompt: MMLU-Pro has up to ten options
+    and PubMedQA three, and a prompt that names letters the question lacks invites them."""
+    letters = [str(letter) for letter in letters]
+    if not letters:
+        raise ValueError("grpo_system_prompt_for_letters: no option letters")
+    listed = letters[0] if len(letters) == 1 else f"{', '.join(letters[:-1])} or {letters[-1]}"
+    assert GRPO_SYSTEM_PROMPT.count(_B2_LETTER_LIST) == 1
+    return GRPO_SYSTEM_PROMPT.replace(_B2_LETTER_LIST, listed)

@@ -15,8 +15,8 @@ Decisions, recorded here because they change what the model learns:
   reasoning once a later user turn exists, so they are not a stable prefix to train on.
 - Reasoning goes inline in the assistant content as "<think>\\n...\\n</think>\\n\\n{answer}",
   which is both ChatML text and what Qwen3's template re-renders identically.
-- Bad rows (missing/empty fields, unknown role, no assistant turn, too long, template
-  mismatch) are collected with their source and row index; more than
+- Bad rows (unreadable JSON lines, missing/empty fields, unknown role, no assistant turn,
+  too long, template mismatch) are collected with their source and row index; more than
   `max_bad_fraction` of them stops the run before training starts.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from gazal_nemo.data.config import SFTDataConfig
 from gazal_nemo.data.packing import IGNORE_INDEX, PackedSFTDataset, pack_documents
-from gazal_nemo.data.sources import MixedRows, SourceCount, load_mixed_rows
+from gazal_nemo.data.sources import MALFORMED_FIELD, MixedRows, SourceCount, load_mixed_rows
 
 ROLES = ("system", "user", "assistant")
 _MAX_LISTED_BAD_ROWS = 20
@@ -240,9 +240,11 @@ def check_bad_fraction(report: SFTDataReport, max_bad_fraction: float) -> None:
         raise ValueError("SFT data: the sources gave no rows\n" + report.summary())
     fraction = report.num_bad / report.num_rows
     if fraction > max_bad_fraction:
+        first = report.bad_rows[0]
         raise ValueError(
             f"SFT data: {report.num_bad} of {report.num_rows} rows are bad ({100 * fraction:.2f}%), "
-            f"more than max_bad_fraction={max_bad_fraction}\n{report.summary()}"
+            f"more than sft_data.max_bad_fraction={max_bad_fraction}; first: row {first.row} of {first.source}: "
+            f"{first.reason}\n{report.summary()}"
         )
     if report.num_documents == 0:
         raise ValueError("SFT data: no usable documents\n" + report.summary())
@@ -276,10 +278,11 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer) -> tuple[PackedSFTDataset, 
 
 def _tokenize_or_bad(mixed: MixedRows, source_index: int, row_index: int, cfg: SFTDataConfig, tokenizer):
     source = mixed.sources[source_index]
+    row = mixed.row(source_index, row_index)
+    if MALFORMED_FIELD in row:
+        return BadRow(source=source.path, row=row_index, reason=f"malformed line: {row[MALFORMED_FIELD]}")
     try:
-        input_ids, labels = tokenize_row(
-            mixed.row(source_index, row_index), row_format=source.format, cfg=cfg, tokenizer=tokenizer
-        )
+        input_ids, labels = tokenize_row(row, row_format=source.format, cfg=cfg, tokenizer=tokenizer)
     except BadRowError as error:
         return BadRow(source=source.path, row=row_index, reason=str(error))
     return TokenizedDocument(input_ids=input_ids, labels=labels, source_index=source_index, row=row_index)
