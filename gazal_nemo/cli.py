@@ -3,7 +3,7 @@
     gazal sft  --recipe recipes/sft_qwen3_32b_dora.yaml train.max_steps=10
     gazal grpo --recipe recipes/grpo_qwen3_32b.yaml parallel.tp=4 --dry-run
     gazal convert hf-to-megatron --hf-dir Qwen/Qwen3-32B --out ckpt/qwen3-32b
-    gazal eval --model out/hf --benchmark medqa --data medqa_test.jsonl
+    gazal eval --model out/hf --benchmarks medqa,pubmedqa --data medqa_test.jsonl,ori_pqal.json
     gazal demo
 
 Subcommands import their heavy dependencies only when they run, so `--help` is instant.
@@ -12,6 +12,7 @@ Subcommands import their heavy dependencies only when they run, so `--help` is i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -43,12 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGE_HELP:
         _add_stage(sub, name)
-    from gazal_nemo.commands import convert, demo, evaluate
+    from gazal_nemo.commands import convert, decontam, demo, evaluate
 
     convert.add_arguments(sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion",
                                          description="Convert checkpoints between Hugging Face and Megatron."))
     evaluate.add_arguments(sub.add_parser("eval", help="accuracy on MedQA / MedMCQA / PubMedQA / MMLU-Pro files",
                                           description=evaluate.__doc__))
+    decontam.add_arguments(sub.add_parser("decontam", help="n-gram overlap of training files with benchmark questions",
+                                          description=decontam.__doc__))
+    from gazal_nemo.commands import plan
+
+    plan.add_arguments(sub.add_parser("plan", help="per-GPU memory plan of a recipe (exit 0 fits, 1 does not)",
+                                      description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     demo.add_arguments(sub.add_parser("demo", help="tiny CPU run of the whole pipeline (no downloads)",
                                       description=demo.__doc__))
     return parser
@@ -69,12 +76,31 @@ def main(argv: list[str] | None = None) -> int:
             from gazal_nemo.commands import evaluate
 
             return evaluate.run(args)
+        if args.command == "decontam":
+            from gazal_nemo.commands import decontam
+
+            return decontam.run(args)
+        if args.command == "plan":
+            from gazal_nemo.commands import plan
+
+            return plan.run(args)
         from gazal_nemo.commands import demo
 
         return demo.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # UnicodeDecodeError is a ValueError
         print(f"gazal {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `gazal sft --dry-run | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail too
+        return 141
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug or the system, keep the traceback
+            raise
+        print(f"gazal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gazal {args.command}: error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

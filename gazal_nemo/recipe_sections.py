@@ -33,11 +33,18 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs TE norms; ignored at tp=1)."""
     distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap DDP's gradient reduce(-scatter) with the backward pass in ~40M-parameter buckets; None: on when dp > 1."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's param all-gather with the next forward (dp > 1); code that reads params right after a step calls model_setup.finish_param_gather first."""
 
     def __post_init__(self):
         for key in ("tp", "pp", "cp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key}={getattr(self, key)}; allowed: integers >= 1")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true; "
+                             "allowed without it: false")
 
 
 @dataclass(kw_only=True)
@@ -50,6 +57,8 @@ class PrecisionConfig:
     """Transformer Engine FP8 format for linear layers (H100); None disables FP8."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     """Transformer Engine FP8 scaling recipe."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32 buffers (4 B/param); false: in the param dtype (2 B/param, bf16 sums)."""
 
 
 @dataclass(kw_only=True)
@@ -75,10 +84,15 @@ class OptimConfig:
     """EXAdam's ln(sqrt(2)*sqrt(t+1)) step scaling from the paper's first version (off in the authors' later code)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    cpu_offload_fraction: float = 0.0
+    """Share of optimizer states and fp32 main params kept and updated on the host (megatron's
+    HybridDeviceOptimizer; needs CUDA and the distributed optimizer); 0 keeps all on the GPU."""
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr}; allowed: > 0")
+        if not 0 <= self.cpu_offload_fraction <= 1:
+            raise ValueError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction}; allowed: 0 <= x <= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio={self.warmup_ratio}; allowed: 0 <= x < 1")
 
@@ -121,6 +135,8 @@ class CheckpointConfig:
     """Keep the newest K step checkpoints."""
     resume: bool = True
     """Continue from the newest complete checkpoint in dir if there is one."""
+    allow_changes: tuple[str, ...] = ()
+    """Dotted recipe keys or prefixes that may differ from the checkpoint's recipe on resume, e.g. [optim.lr] (docs/CHECKPOINTS.md)."""
 
 
 @dataclass(kw_only=True)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -29,18 +32,37 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
 
 
+def positive_int(flag: str) -> Callable[[str], int]:
+    """An argparse type for `flag` that refuses anything but an integer >= 1, naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r}; expected an integer >= 1") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag}={value}; must be >= 1")
+        return value
+
+    parse.__name__ = "positive int"
+    return parse
+
+
 def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-dir", required=True, help="Hugging Face Qwen3 folder, or a hub id like Qwen/Qwen3-32B")
     parser.add_argument("--out", required=True, help="checkpoint folder to create (megatron dist checkpoint + hf/)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="stored dtype (default: the source's)")
-    parser.add_argument("--tp", type=int, default=1, help="check now that the model splits at this tensor parallelism")
-    parser.add_argument("--pp", type=int, default=1, help="check now that the model splits at this pipeline depth")
+    parser.add_argument("--tp", type=positive_int("--tp"), default=1,
+                        help="check now that the model splits at this tensor parallelism")
+    parser.add_argument("--pp", type=positive_int("--pp"), default=1,
+                        help="check now that the model splits at this pipeline depth")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
 
 
 def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt-dir", required=True, help="checkpoint folder (from hf-to-megatron or training)")
+    parser.add_argument("--ckpt-dir", required=True,
+                        help="checkpoint folder (from hf-to-megatron or training), a training step checkpoint, "
+                             "or a folder of step checkpoints (its newest complete one)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to create")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="exported dtype (default: stored)")
@@ -69,7 +91,8 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
     from gazal_nemo.convert.hf_to_megatron import convert_hf_to_megatron
     from gazal_nemo.hub import resolve_model_dir
 
-    out = convert_hf_to_megatron(resolve_model_dir(args.hf_dir), args.out, dtype=args.dtype, overwrite=args.overwrite,
+    hf_dir = resolve_model_dir(args.hf_dir, what="--hf-dir")
+    out = convert_hf_to_megatron(hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                  tp=args.tp, pp=args.pp, progress=_progress(args))
     print(f"wrote megatron checkpoint {out}")
     return 0
@@ -77,7 +100,13 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
 
 def run_megatron_to_hf(args: argparse.Namespace) -> int:
     from gazal_nemo.convert.megatron_to_hf import convert_megatron_to_hf
+    from gazal_nemo.convert.step_to_hf import export_step_checkpoint, step_checkpoint_dir
 
+    step_dir = step_checkpoint_dir(args.ckpt_dir)  # a training step checkpoint, or a root of them
+    if step_dir is not None:
+        out = export_step_checkpoint(step_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote Hugging Face checkpoint {out} from step checkpoint {step_dir}")
+        return 0
     out = convert_megatron_to_hf(args.ckpt_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                  hf_meta_dir=args.hf_meta_dir, max_shard_bytes=args.max_shard_size,
                                  ignore_extra_keys=args.ignore_extra_keys, progress=_progress(args))
@@ -85,10 +114,28 @@ def run_megatron_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (scancel, a preempted job) unwinds like Ctrl-C, so the staging folder is removed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.direction == "hf-to-megatron":
-        return run_hf_to_megatron(args)
-    return run_megatron_to_hf(args)
+    with sigterm_as_interrupt():
+        if args.direction == "hf-to-megatron":
+            return run_hf_to_megatron(args)
+        return run_megatron_to_hf(args)
 
 
 def main_with(add: Callable[[argparse.ArgumentParser], None], run_fn: Callable[[argparse.Namespace], int],
@@ -99,7 +146,11 @@ def main_with(add: Callable[[argparse.ArgumentParser], None], run_fn: Callable[[
     add(parser)
     args = parser.parse_args(argv)
     try:
-        return run_fn(args)
+        with sigterm_as_interrupt():
+            return run_fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted", file=sys.stderr)
+        return 130

@@ -11,7 +11,8 @@ from gazal_nemo.config_io import to_dict
 
 
 def prepare(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool = False):
-    """Everything that can be checked without a GPU: recipe, model config, layout, precision."""
+    """Everything that can be checked without a GPU: recipe, model folder, layout, precision, data
+    and output paths."""
     from gazal_nemo.hub import resolve_model_dir
     from gazal_nemo.models.qwen3 import Qwen3Shape
     from gazal_nemo.parallel import launch_env
@@ -21,13 +22,13 @@ def prepare(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bool
     recipe = load_recipe(recipe_path, overrides)
     if recipe.stage != stage:
         raise ValueError(f"{recipe_path}: stage is {recipe.stage!r}; run it with `gazal {recipe.stage}`")
-    check_recipe_paths(recipe)
     model_dir = resolve_model_dir(recipe.model.hf_path, config_only=dry_run, what="model.hf_path")
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, hf_path=str(model_dir)))
     shape = Qwen3Shape.from_pretrained(model_dir)
     env = launch_env()
     dp = check_layout(recipe, env.world_size, shape)
     check_precision(recipe.precision)
+    check_recipe_paths(recipe)
     return recipe, shape, env, dp
 
 
@@ -56,6 +57,11 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bo
             print(f"# recipe {recipe.name}: valid for world size {env.world_size} "
                   f"(tp={recipe.parallel.tp} pp={recipe.parallel.pp} cp={recipe.parallel.cp} dp={dp})")
             yaml.safe_dump(to_dict(recipe), sys.stdout, sort_keys=False)
+            from gazal_nemo.training.memory_plan import plan_memory
+
+            # As YAML comments, so the output stays a loadable recipe; `gazal plan` exits on the verdict.
+            table = plan_memory(recipe, shape, world_size=env.world_size).format_table()
+            print("\n".join(f"# {line}" for line in table.splitlines()))
         return 0
     from gazal_nemo.parallel import init_parallel, shutdown_parallel
     from gazal_nemo.training.preemption import REQUEUE_EXIT_CODE, install_stop_handlers, restore_default_handlers

@@ -202,7 +202,8 @@ def run_grpo(recipe, shape) -> dict:
     tm = build_train_model(recipe.model, recipe.parallel, recipe.precision, train, adapter_cfg=adapter_cfg)
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps=total_steps)
-    start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler)
+    start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler,
+                                 recipe_dict=to_dict(recipe))
     tm.config.variable_seq_lengths = True  # micro-batches are as long as their longest completion
     reference = make_reference(recipe, tm, adapter_cfg)
     stop_ids = stop_token_ids(tokenizer)
@@ -247,7 +248,7 @@ def run_grpo(recipe, shape) -> dict:
         return microbatches
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
-                           enabled=dist.get_rank() == 0)
+                           enabled=dist.get_rank() == 0, resume_step=start_step)
     after_step = None
     if adapter_cfg is not None:
         after_step = adapter_norm_refresh(tm.chunks)

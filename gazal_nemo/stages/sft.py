@@ -100,12 +100,13 @@ def run_sft(recipe, shape) -> dict:
     tm = build_train_model(recipe.model, recipe.parallel, recipe.precision, train, adapter_cfg=recipe.adapter)
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps=total_steps)
-    start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler)
+    start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler,
+                                 recipe_dict=to_dict(recipe))
     after_step = adapter_norm_refresh(tm.chunks) if recipe.adapter is not None else None
     if after_step is not None:
         after_step()  # resumed adapter weights: norms must be recomputed
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
-                           enabled=dist.get_rank() == 0)
+                           enabled=dist.get_rank() == 0, resume_step=start_step)
     num_params = sum(p.numel() for p in unwrap(tm.chunks[0]).parameters()) * recipe.parallel.tp * recipe.parallel.pp
     result = train_loop(
         chunks=tm.chunks, config=tm.config, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,

@@ -29,13 +29,22 @@ class LoopResult:
     """Name of the signal (SIGUSR1/SIGTERM) that ended the run early with a checkpoint; None otherwise."""
 
 
-def maybe_resume(ckpt_cfg: CheckpointConfig, *, chunks, optimizer, scheduler) -> tuple[int, dict]:
-    """Load the newest complete checkpoint when resuming is on; returns (start step, state)."""
+def maybe_resume(ckpt_cfg: CheckpointConfig, *, chunks, optimizer, scheduler,
+                 recipe_dict: dict | None = None) -> tuple[int, dict]:
+    """Load the newest complete checkpoint when resuming is on; returns (start step, state).
+
+    A damaged newest checkpoint falls back to an older complete one; a recipe that differs
+    from the checkpoint's in a key that alters the run is refused (training/resume_check.py).
+    """
     if not ckpt_cfg.resume:
         return 0, {}
-    latest = ckpt.latest_checkpoint(ckpt_cfg.dir)
+    latest = ckpt.choose_resume_checkpoint(ckpt_cfg.dir)
     if latest is None:
         return 0, {}
+    if recipe_dict is not None:
+        from gazal_nemo.training.resume_check import check_resume_recipe
+
+        check_resume_recipe(ckpt.read_saved_recipe(latest), recipe_dict, where=latest)
     state = ckpt.load_checkpoint(latest, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler)
     if dist.get_rank() == 0:
         print(f"resumed from {latest} (step {state['step']})", flush=True)
