@@ -107,6 +107,14 @@ class Recipe:
             raise ValueError("stage 'sft' needs an sft_data section")
         if self.stage == "grpo" and self.grpo is None:
             raise ValueError("stage 'grpo' needs a grpo section")
+        if self.stage == "grpo":
+            per_step = self.grpo.prompts_per_step * self.grpo.sampling.num_generations
+            if self.train.global_batch_size != per_step:
+                # The GRPO step trains prompts_per_step groups of num_generations: a different
+                # global batch would be a number nothing reads.
+                raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must equal "
+                                 f"grpo.prompts_per_step x grpo.sampling.num_generations = "
+                                 f"{self.grpo.prompts_per_step} x {self.grpo.sampling.num_generations} = {per_step}")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")

@@ -103,3 +103,11 @@ def test_cli_help_lists_subcommands():
     assert out.returncode == 0
     for name in ("sft", "grpo", "convert", "eval", "demo"):
         assert name in out.stdout
+
+
+def test_grpo_global_batch_must_be_prompts_times_generations():
+    grpo = ROOT / "recipes" / "grpo_qwen3_32b.yaml"
+    with pytest.raises(ValueError, match="train.global_batch_size=64 must equal grpo.prompts_per_step"):
+        load_recipe(grpo, ["train.global_batch_size=64"])
+    recipe = load_recipe(grpo, ["grpo.prompts_per_step=16", "train.global_batch_size=64"])
+    assert recipe.train.global_batch_size == 64
