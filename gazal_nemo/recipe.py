@@ -26,7 +26,13 @@ from gazal_nemo.recipe_sections import (
     PrecisionConfig,
     TrainConfig,
 )
-from gazal_nemo.rl.config import GRPOLossConfig, MCQDataConfig, RewardConfig, SamplingConfig
+from gazal_nemo.rl.config import (
+    DynamicSamplingConfig,
+    GRPOLossConfig,
+    MCQDataConfig,
+    RewardConfig,
+    SamplingConfig,
+)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +63,19 @@ class GRPOConfig:
     """Prompts per optimizer step (paper: 32, x4 generations = 128 completions)."""
     train_adapter: bool = False
     """Train a LoRA/DoRA adapter (recipe.adapter) instead of all parameters."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout batch (TRL num_iterations, GRPO's mu; paper 1). Above 1 the old
+    log-probs are computed once before the first update and the clip bounds start to act."""
+    steps_per_generation: int = 1
+    """Optimizer steps one rollout batch is split over (TRL steps_per_generation; paper 1): each step still
+    trains prompts_per_step prompts, the engine generates for steps_per_generation times as many at once."""
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    """DAPO dynamic sampling (off, as in the paper)."""
+
+    def __post_init__(self):
+        for key in ("num_iterations", "steps_per_generation"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"grpo.{key}={getattr(self, key)}; allowed: integers >= 1")
 
 
 @dataclass(kw_only=True)
@@ -88,6 +107,14 @@ class Recipe:
             raise ValueError("stage 'sft' needs an sft_data section")
         if self.stage == "grpo" and self.grpo is None:
             raise ValueError("stage 'grpo' needs a grpo section")
+        if self.stage == "grpo":
+            per_step = self.grpo.prompts_per_step * self.grpo.sampling.num_generations
+            if self.train.global_batch_size != per_step:
+                # The GRPO step trains prompts_per_step groups of num_generations: a different
+                # global batch would be a number nothing reads.
+                raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must equal "
+                                 f"grpo.prompts_per_step x grpo.sampling.num_generations = "
+                                 f"{self.grpo.prompts_per_step} x {self.grpo.sampling.num_generations} = {per_step}")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")

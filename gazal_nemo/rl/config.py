@@ -127,6 +127,9 @@ class GRPOLossConfig:
     """Divide group-centred rewards by the group std (GRPO; off = Dr. GRPO style)."""
     advantage_eps: float = 1e-4
     """Added to the group std in the denominator."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token by min(pi_old / pi_sampler, tis_cap) to correct
+    the sampler/trainer mismatch (vLLM); None: off (the paper; the megatron engine samples with the trainer's weights)."""
 
     def __post_init__(self):
         _check_choice("grpo.normalisation", self.normalisation, NORMALISATIONS)
@@ -138,6 +141,8 @@ class GRPOLossConfig:
             raise _allowed("grpo.beta", self.beta, "finite numbers >= 0")
         if not 0 < self.advantage_eps or not math.isfinite(self.advantage_eps):
             raise _allowed("grpo.advantage_eps", self.advantage_eps, "finite numbers > 0")
+        if self.tis_cap is not None and not (1 <= self.tis_cap and math.isfinite(self.tis_cap)):
+            raise _allowed("grpo.loss.tis_cap", self.tis_cap, "null or finite numbers >= 1")
 
 
 @dataclass(kw_only=True)
@@ -154,10 +159,14 @@ class SamplingConfig:
     """Completions per prompt, the GRPO group size (paper: 4)."""
     max_new_tokens: int = 4096
     """Completion length cap in tokens; longer ones are truncated (paper: 4096)."""
+    train_logprobs: Literal["temperature", "filtered"] = "temperature"
+    """Distribution of the trainer's log-probs: temperature only, as TRL (the paper's stack) computes them,
+    or the sampler's top-k/top-p renormalised one (its gradient reaches only tokens inside the filter)."""
 
     def __post_init__(self):
         if not 0 < self.temperature or not math.isfinite(self.temperature):
             raise _allowed("sampling.temperature", self.temperature, "finite numbers > 0")
+        _check_choice("sampling.train_logprobs", self.train_logprobs, ("temperature", "filtered"))
         if self.top_k < 0:
             raise _allowed("sampling.top_k", self.top_k, "integers >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
@@ -167,6 +176,21 @@ class SamplingConfig:
                            "integers >= 2 (a group of one has no baseline)")
         if self.max_new_tokens < 1:
             raise _allowed("sampling.max_new_tokens", self.max_new_tokens, "integers >= 1")
+
+
+@dataclass(kw_only=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (Yu et al. 2025): train only on groups that carry a signal (off in the paper)."""
+
+    enabled: bool = False
+    """Drop groups whose accuracy rewards are all equal and sample further prompts to refill the batch."""
+    max_rounds: int = 3
+    """Generation rounds per rollout batch at most (the first included); then the batch is filled
+    with dropped groups (zero advantage, no gradient) so its size stays fixed."""
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise _allowed("grpo.dynamic_sampling.max_rounds", self.max_rounds, "integers >= 1")
 
 
 @dataclass(kw_only=True)

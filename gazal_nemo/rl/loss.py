@@ -7,10 +7,18 @@ the clipped PPO surrogate with asymmetric "clip-higher" bounds [1 - eps_low, 1 +
 beta > 0 adds the k3 estimator of KL(pi_theta || pi_ref) (Schulman 2020) per token, and
 the normalisation can be the original per-sequence mean.
 
+When the sampler is not the trainer (vLLM: other kernels, other numerics), the tokens were
+drawn from pi_sampler, not pi_old: truncated importance sampling (Yao et al. 2025, "Your
+efficient RL framework secretly brings you off-policy RL training"; verl/NeMo-RL "tis")
+weights each token by min(pi_old / pi_sampler, C), detached, so a token the sampler
+over-drew pulls the gradient less and the weight can never explode.
+
 Shapes: B completions, T completion positions (prompt tokens are not in these tensors).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -61,7 +69,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               completion_mask: torch.Tensor, truncated: torch.Tensor, config: GRPOLossConfig,
               ref_logprobs: torch.Tensor | None = None, num_global_tokens: int | None = None,
-              entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              entropy: torch.Tensor | None = None,
+              sampler_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss of a micro-batch (DAPO clip-higher, token-level normalisation).
 
     logprobs [B, T]: current policy, with grad (sampling.token_logprobs, same filters as the
@@ -72,6 +81,8 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     num_global_tokens (the step's count, count_loss_tokens summed over micro-batches and
     ranks; if the data-parallel reducer averages gradients, scale the loss by the DP size);
     'grpo' mean over tokens of each sequence, then over sequences that have any.
+    sampler_logprobs [B, T] (with config.tis_cap): log-probs of the sampled tokens under the
+    sampler, for the truncated importance-sampling weight.
     Returns (loss, metrics): detached scalar metrics, means over the loss tokens, plus
     num_loss_tokens to weight them when averaging over micro-batches and ranks.
     """
@@ -86,6 +97,13 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     adv = advantages.detach().float().unsqueeze(-1)  # [B, 1]
     clipped_ratio = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    tis_weight = None
+    if config.tis_cap is not None:
+        if sampler_logprobs is None:
+            raise ValueError("grpo.loss.tis_cap is set but the rollout engine gave no sampler log-probs")
+        sampler_log_ratio = torch.where(mask, old_logprobs.detach() - sampler_logprobs.detach(), 0.0)
+        tis_weight = sampler_log_ratio.clamp(max=math.log(config.tis_cap)).exp()
+        per_token = per_token * tis_weight
     kl_ref = None
     if config.beta > 0:
         ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)
@@ -104,6 +122,9 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
         }
         if kl_ref is not None:
             metrics["kl_ref"] = _masked_mean(kl_ref, mask)
+        if tis_weight is not None:
+            metrics["tis_weight_mean"] = _masked_mean(tis_weight, mask)
+            metrics["tis_capped_frac"] = _masked_mean(tis_weight >= config.tis_cap * (1 - 1e-6), mask)
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, mask)
     return loss, metrics

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gazal_nemo.rl.sampling import sample_tokens
+from gazal_nemo.rl.sampling import sample_tokens, token_logprobs
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Completion:
     prompt_index: int
     tokens: list[int]  # generated ids, including the stop token when there is one
     truncated: bool  # hit max_new_tokens before a stop token
+    logprobs: list[float] | None = None  # sampler's log-prob of each token (None when greedy)
 
 
 class MegatronRolloutEngine:
@@ -89,11 +90,13 @@ class MegatronRolloutEngine:
         stop_ids = self.stop_ids.to(device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
         length = longest
         logits = self._step(tokens, valid, length, 0, context)  # prefill the prompts
         for _ in range(max_new):
-            next_tok = _next_tokens(logits, temperature, top_k, top_p, generator).to(device)
-            next_tok = torch.where(finished, torch.full_like(next_tok, self.pad_id), next_tok)
+            next_tok, next_logprob = _next_tokens(logits, temperature, top_k, top_p, generator)
+            next_tok = torch.where(finished, torch.full_like(next_tok, self.pad_id), next_tok.to(device))
+            logprobs[:, length - longest] = next_logprob.to(device)
             tokens[:, length] = next_tok
             valid[:, length] = ~finished
             lengths += (~finished).long()
@@ -102,8 +105,11 @@ class MegatronRolloutEngine:
             if bool(finished.all()) or length == total:
                 break
             logits = self._step(tokens, valid, length, length - 1, context)
+        greedy = temperature == 0
         return [Completion(prompt_index=offset + row, tokens=tokens[row, longest:longest + lengths[row]].tolist(),
-                           truncated=not bool(finished[row])) for row in range(batch)]
+                           truncated=not bool(finished[row]),
+                           logprobs=None if greedy else logprobs[row, :lengths[row]].tolist())
+                for row in range(batch)]
 
     def _step(self, tokens, valid, length, new_from, context):
         """Logits for the next token; with a cache only tokens [new_from, length) are fed."""
@@ -125,12 +131,15 @@ class MegatronRolloutEngine:
 
 
 def _next_tokens(logits_BV, temperature, top_k, top_p, generator):
-    """Greedy at temperature 0 (evaluation), else the recipe's filtered sampling."""
+    """(tokens [B], their log-probs under the distribution sampled from [B]): greedy at
+    temperature 0 (evaluation; log-probs 0), else the recipe's filtered sampling."""
     if temperature == 0:
-        return logits_BV.argmax(dim=-1)
+        tokens = logits_BV.argmax(dim=-1)
+        return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     if 0 < top_k < logits_BV.shape[-1]:
         return _sample_top_k_then_p(logits_BV, temperature, top_k, top_p, generator)
-    return sample_tokens(logits_BV, temperature, top_k, top_p, generator=generator)
+    tokens = sample_tokens(logits_BV, temperature, top_k, top_p, generator=generator)
+    return tokens, token_logprobs(logits_BV.float(), tokens.to(logits_BV.device), temperature, top_k, top_p)
 
 
 def _sample_top_k_then_p(logits_BV, temperature, top_k, top_p, generator):
@@ -142,4 +151,5 @@ def _sample_top_k_then_p(logits_BV, temperature, top_k, top_p, generator):
         before_BK = probs_BK.cumsum(dim=-1) - probs_BK  # mass of the more likely tokens
         probs_BK = probs_BK * (before_BK < top_p)  # keeps the smallest set reaching top_p
     choice_B1 = torch.multinomial(probs_BK, 1, generator=generator)
-    return index_BK.gather(-1, choice_B1).squeeze(-1)
+    chosen_B = probs_BK.gather(-1, choice_B1).squeeze(-1) / probs_BK.sum(dim=-1)
+    return index_BK.gather(-1, choice_B1).squeeze(-1), chosen_B.log()

@@ -130,12 +130,20 @@ class VLLMRolloutEngine:
         self.sync_weights()  # the weights of the last optimizer step
         params = SamplingParams(n=1, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
                                 max_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
-                                seed=seed)
+                                seed=seed, logprobs=0)  # 0: the sampled token's own log-prob (for TIS)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         self.llm.sleep(level=1)
         completions = []
         for index, out in enumerate(outputs):
             sample = out.outputs[0]
             completions.append(Completion(prompt_index=index, tokens=list(sample.token_ids),
-                                          truncated=sample.finish_reason == "length"))
+                                          truncated=sample.finish_reason == "length",
+                                          logprobs=_sampled_logprobs(sample)))
         return completions
+
+
+def _sampled_logprobs(sample) -> list[float] | None:
+    """vLLM returns one {token_id: Logprob} dict per generated token; keep the sampled one's."""
+    if sample.logprobs is None:
+        return None
+    return [float(step[token].logprob) for token, step in zip(sample.token_ids, sample.logprobs)]

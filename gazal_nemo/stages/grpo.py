@@ -11,11 +11,13 @@ What we left out, and why: no value model (GRPO's point); no reference model at 
 see `make_reference`). With one update per batch (num_iterations 1, as the paper
 trains) the "old" policy is the current one: its log-probs are the detached log-probs of
 the same forward, recomputed by the training model rather than taken from the sampler.
+With `grpo.num_iterations` / `grpo.steps_per_generation` > 1 (TRL's off-policy reuse) a
+rollout batch serves several optimizer steps; its old log-probs are then computed once,
+before the first update, so the clip bounds act. Dynamic sampling, when on, lives in
+rl/rollout_batch.py.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.distributed as dist
@@ -34,23 +36,37 @@ def build_microbatches(prompts, completions, advantages, *, micro_batch_size: in
     rows = []
     for completion, advantage in zip(completions, advantages.tolist()):
         prompt = prompts[completion.prompt_index].prompt_ids
-        rows.append((prompt, completion.tokens, advantage, completion.truncated))
+        rows.append((prompt, completion, advantage))
+    with_logprobs = all(c.logprobs is not None for _, c, _ in rows)
     batches = []
     for start in range(0, len(rows), micro_batch_size):
         chunk = rows[start:start + micro_batch_size]
-        length = max(len(p) + len(c) for p, c, _, _ in chunk)
+        length = max(len(p) + len(c.tokens) for p, c, _ in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length - 1), dtype=torch.bool)
-        for row, (prompt, tokens, _, _) in enumerate(chunk):
-            seq = prompt + tokens
+        sampler = torch.zeros((len(chunk), length - 1), dtype=torch.float32)
+        for row, (prompt, completion, _) in enumerate(chunk):
+            seq = prompt + completion.tokens
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, len(prompt) - 1:len(seq) - 1] = True
-        batches.append({
+            if with_logprobs:
+                sampler[row, len(prompt) - 1:len(seq) - 1] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        batch = {
             "input_ids": ids, "completion_mask": mask,
-            "advantages": torch.tensor([a for _, _, a, _ in chunk], dtype=torch.float32),
-            "truncated": torch.tensor([t for _, _, _, t in chunk], dtype=torch.bool),
-        })
+            "advantages": torch.tensor([a for _, _, a in chunk], dtype=torch.float32),
+            "truncated": torch.tensor([c.truncated for _, c, _ in chunk], dtype=torch.bool),
+        }
+        if with_logprobs:
+            batch["sampler_logprobs"] = sampler  # [B, S-1], aligned with completion_mask
+        batches.append(batch)
     return batches
+
+
+def train_filters(sampling) -> tuple[int, float]:
+    """(top_k, top_p) of the distribution the trainer's log-probs use (sampling.train_logprobs)."""
+    if sampling.train_logprobs == "filtered":
+        return sampling.top_k, sampling.top_p
+    return 0, 1.0
 
 
 def make_forward_step(recipe):
@@ -70,16 +86,22 @@ def make_forward_step(recipe):
         def loss_func(logits_BSV):
             shifted = logits_BSV[:, :-1]
             targets = ids[:, 1:]
-            temperature = sampling.temperature
-            logprobs = vocab_parallel_token_logprobs(shifted, targets, temperature, sampling.top_k, sampling.top_p)
+            temperature, (top_k, top_p) = sampling.temperature, train_filters(sampling)
+            logprobs = vocab_parallel_token_logprobs(shifted, targets, temperature, top_k, top_p)
             with torch.no_grad():
-                entropy = vocab_parallel_token_entropy(shifted.detach(), temperature, sampling.top_k, sampling.top_p)
+                entropy = vocab_parallel_token_entropy(shifted.detach(), temperature, top_k, top_p)
             mask = batch["completion_mask"].to(device)
-            ref = batch.get("ref_logprobs")
+
+            def optional(key):
+                return batch[key].to(device) if key in batch else None
+
+            old = optional("old_logprobs")
             loss, metrics = grpo_loss(
-                logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=batch["advantages"].to(device),
-                completion_mask=mask, truncated=batch["truncated"].to(device), config=loss_cfg,
-                num_global_tokens=1, entropy=entropy, ref_logprobs=None if ref is None else ref.to(device),
+                logprobs=logprobs, old_logprobs=logprobs.detach() if old is None else old,
+                advantages=batch["advantages"].to(device), completion_mask=mask,
+                truncated=batch["truncated"].to(device), config=loss_cfg, num_global_tokens=1, entropy=entropy,
+                ref_logprobs=optional("ref_logprobs"),
+                sampler_logprobs=optional("sampler_logprobs") if loss_cfg.tis_cap is not None else None,
             )
             return _megatron_loss(loss, metrics, mask, loss_cfg.normalisation)
 
@@ -101,17 +123,20 @@ def _megatron_loss(loss, metrics, mask, normalisation):
         sequences = (mask.sum(dim=-1) > 0).sum()
         value, count = loss * sequences.clamp(min=1), sequences.to(torch.int)
     report = {"loss": torch.stack([loss.detach().float(), torch.ones(())])}
-    for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy", "kl_ref"):
+    for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy", "kl_ref", "tis_weight_mean",
+                "tis_capped_frac"):
         if key in metrics:
             report[key] = torch.stack([metrics[key] * tokens, tokens])
     return value, count, report
 
 
-def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_batch_size: int) -> None:
-    """Add `ref_logprobs` [B, S-1] to each micro-batch (last pipeline stage), filtered like the policy.
+def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_batch_size: int,
+                      key: str = "ref_logprobs") -> None:
+    """Add `key` [B, S-1] log-probs to each micro-batch (last pipeline stage), filtered like the policy.
 
     `reference` is a callable context: entering it yields the model chunks to run, e.g.
-    the training model with its adapters switched off, or a frozen copy of the start.
+    the training model with its adapters switched off, a frozen copy of the start, or the
+    policy itself before the first update of a reused batch (key "old_logprobs").
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -127,7 +152,7 @@ def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_b
 
         def loss_func(logits_BSV):
             collected.append(vocab_parallel_token_logprobs(
-                logits_BSV[:, :-1], ids[:, 1:], sampling.temperature, sampling.top_k, sampling.top_p).cpu())
+                logits_BSV[:, :-1], ids[:, 1:], sampling.temperature, *train_filters(sampling)).cpu())
             return logits_BSV.sum() * 0, torch.ones((), dtype=torch.int), {}
 
         return logits, loss_func
@@ -138,7 +163,7 @@ def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_b
             num_microbatches=len(microbatches), seq_length=max(mb["input_ids"].shape[1] for mb in microbatches),
             micro_batch_size=micro_batch_size, forward_only=True)
     for batch, logprobs in zip(microbatches, collected):
-        batch["ref_logprobs"] = logprobs
+        batch[key] = logprobs
 
 
 def make_reference(recipe, tm, adapter_cfg):
@@ -172,8 +197,7 @@ def run_grpo(recipe, shape) -> dict:
     from transformers import AutoTokenizer
 
     from gazal_nemo.data.mcq import load_mcq_prompts
-    from gazal_nemo.rl.advantages import group_advantages
-    from gazal_nemo.rl.rewards import build_rewards, reward_inputs, score_completions
+    from gazal_nemo.rl.rewards import build_rewards
     from gazal_nemo.rl.rollout import MegatronRolloutEngine
 
     grpo, train = recipe.grpo, recipe.train
@@ -186,13 +210,18 @@ def run_grpo(recipe, shape) -> dict:
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if grpo.prompts_per_step % dp_size:
         raise ValueError(f"grpo.prompts_per_step={grpo.prompts_per_step} must divide by data-parallel size {dp_size}")
-    steps_per_epoch = len(prompts) // grpo.prompts_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(prompts)} prompts, fewer than grpo.prompts_per_step={grpo.prompts_per_step}")
-    total_steps = steps_per_epoch * train.epochs
+    # A rollout batch feeds steps_per_generation slices of prompts_per_step prompts, each trained
+    # num_iterations times: one generation per `steps_per_batch` optimizer steps.
+    steps_per_batch = grpo.num_iterations * grpo.steps_per_generation
+    prompts_per_batch = grpo.prompts_per_step * grpo.steps_per_generation
+    batches_per_epoch = len(prompts) // prompts_per_batch
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(prompts)} prompts, fewer than grpo.prompts_per_step x grpo.steps_per_generation = "
+                         f"{prompts_per_batch}")
+    total_steps = batches_per_epoch * steps_per_batch * train.epochs
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
-    per_rank = grpo.prompts_per_step // dp_size
+    per_rank = prompts_per_batch // dp_size
     order_gen = torch.Generator().manual_seed(train.seed)
     orders = [torch.randperm(len(prompts), generator=order_gen).tolist() for _ in range(train.epochs)]
 
@@ -215,37 +244,34 @@ def run_grpo(recipe, shape) -> dict:
 
         engine = VLLMRolloutEngine.from_recipe(recipe, unwrap(tm.chunks[0]), shape, stop_ids)
     step_metrics: dict = {}
+    current: dict = {}  # the rollout batch in use: its index and its per-slice micro-batches
+
+    def rollout_slices(index: int) -> list[list[dict]]:
+        epoch, within = divmod(index, batches_per_epoch)
+        start = within * prompts_per_batch + dp_rank * per_rank
+        scored = _scored_rollout(engine, [prompts[i] for i in orders[epoch][start:start + per_rank]], index=index,
+                                 recipe=recipe, rewards=rewards, all_prompts=prompts, dp_rank=dp_rank,
+                                 decode=lambda tokens: completion_text(tokenizer, tokens, stop_ids))
+        step_metrics.clear()
+        step_metrics.update(scored.stats)
+        slices = _split_microbatches(scored, grpo.steps_per_generation, grpo.sampling.num_generations,
+                                     micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_token_id)
+        every = [mb for microbatches in slices for mb in microbatches]
+        if reference is not None:
+            reference_logprobs(reference, every, grpo.sampling, micro_batch_size=train.micro_batch_size)
+        if steps_per_batch > 1:  # old log-probs once, before the first update of this batch
+            reference_logprobs(_policy_in_eval(tm.chunks), every, grpo.sampling,
+                               micro_batch_size=train.micro_batch_size, key="old_logprobs")
+        return slices
 
     def microbatches_for_step(step: int) -> list[dict]:
-        epoch, within = divmod(step, steps_per_epoch)
-        start = within * grpo.prompts_per_step + dp_rank * per_rank
-        step_prompts = [prompts[i] for i in orders[epoch][start:start + per_rank]]
-        repeated = [p.prompt_ids for p in step_prompts for _ in range(grpo.sampling.num_generations)]
-        # Same seed on the ranks of one TP group, different across data-parallel ranks.
-        seed = train.seed * 1_000_003 + step * 1009 + dp_rank
-        t0 = time.time()
-        completions = engine.generate(repeated, max_new_tokens=grpo.sampling.max_new_tokens,
-                                      temperature=grpo.sampling.temperature, top_k=grpo.sampling.top_k,
-                                      top_p=grpo.sampling.top_p, seed=seed)
-        gen_time = time.time() - t0
-        for c in completions:  # generate() saw each prompt repeated; point back at the prompt
-            c.prompt_index //= grpo.sampling.num_generations
-        texts = [completion_text(tokenizer, c.tokens, stop_ids) for c in completions]
-        lengths = [len(c.tokens) for c in completions]
-        truncated = [c.truncated for c in completions]
-        scores = score_completions(
-            reward_inputs(completions=texts, num_tokens=lengths, truncated=truncated, prompts=step_prompts,
-                          num_generations=grpo.sampling.num_generations),
-            rewards, combine=grpo.rewards.combine)
-        adv = group_advantages(scores.total, num_generations=grpo.sampling.num_generations,
-                               scale_by_std=grpo.loss.scale_advantages_by_std, eps=grpo.loss.advantage_eps)
-        step_metrics.clear()
-        step_metrics.update(_rollout_metrics(scores, adv, lengths, truncated, gen_time))
-        microbatches = build_microbatches(step_prompts, completions, adv.advantages,
-                                          micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_token_id)
-        if reference is not None:
-            reference_logprobs(reference, microbatches, grpo.sampling, micro_batch_size=train.micro_batch_size)
-        return microbatches
+        index, within = divmod(step, steps_per_batch)
+        if current.get("index") != index:
+            if within and dist.get_rank() == 0:
+                print(f"grpo: resumed inside rollout batch {index}: regenerating it with the current policy "
+                      f"for its remaining {steps_per_batch - within} step(s)", flush=True)
+            current.update(index=index, slices=rollout_slices(index))
+        return current["slices"][within % grpo.steps_per_generation]
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
                            enabled=dist.get_rank() == 0, resume_step=start_step)
@@ -268,6 +294,73 @@ def run_grpo(recipe, shape) -> dict:
 
         export_trained_model(recipe, shape, tm.chunks)
     return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by}
+
+
+def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompts, dp_rank, decode):
+    """Rollout batch `index` of this data-parallel rank, scored; with dynamic sampling, refilled.
+
+    Its `stats` hold the logged metrics, measured on the first round (an unbiased sample of the
+    policy) plus the dynamic-sampling counts.
+    """
+    from gazal_nemo.rl.rollout_batch import fill_with_informative_groups, generate_and_score
+
+    grpo, seed_base = recipe.grpo, recipe.train.seed
+    # Same seed on the ranks of one TP group, different across data-parallel ranks.
+    seed = seed_base * 1_000_003 + index * 1009 + dp_rank
+    first = generate_and_score(engine, batch_prompts, seed=seed, grpo=grpo, rewards=rewards, decode=decode)
+    stats = _rollout_metrics(first.scores, first.advantages, [len(c.tokens) for c in first.completions],
+                             [c.truncated for c in first.completions], first.gen_time_s)
+    if not grpo.dynamic_sampling.enabled:
+        first.stats = stats
+        return first
+    share = len(batch_prompts)
+
+    def draw_round(round_index: int):
+        order = torch.randperm(len(all_prompts), generator=torch.Generator().manual_seed(
+            seed_base * 7919 + index * 131 + round_index)).tolist()
+        picked = [all_prompts[i] for i in order[dp_rank * share:(dp_rank + 1) * share]]
+        return generate_and_score(engine, picked, seed=seed + 100_003 * round_index, grpo=grpo, rewards=rewards,
+                                  decode=decode)
+
+    batch = fill_with_informative_groups(first, draw_round, num_generations=grpo.sampling.num_generations,
+                                         max_rounds=grpo.dynamic_sampling.max_rounds)
+    stats["dynamic/rounds"] = (float(batch.stats["rounds"]), 1.0)
+    stats["dynamic/dropped_groups"] = (float(batch.stats["dropped_groups"]), 1.0)
+    stats["dynamic/filled_groups"] = (float(batch.stats["filled_groups"]), 1.0)
+    stats["dynamic/trained_zero_adv_groups"] = (float(batch.advantages.num_zero_std_groups), 1.0)
+    batch.stats = stats
+    return batch
+
+
+def _split_microbatches(scored, num_slices: int, num_generations: int, *, micro_batch_size: int,
+                        pad_id: int) -> list[list[dict]]:
+    """The batch's groups in `num_slices` equal slices (one per optimizer step), as micro-batches."""
+    from gazal_nemo.rl.rollout_batch import select_groups
+
+    per_slice = scored.num_groups // num_slices
+    slices = []
+    for k in range(num_slices):
+        part = select_groups(scored, range(k * per_slice, (k + 1) * per_slice), num_generations)
+        slices.append(build_microbatches(part.prompts, part.completions, part.advantages.advantages,
+                                         micro_batch_size=micro_batch_size, pad_id=pad_id))
+    return slices
+
+
+def _policy_in_eval(chunks):
+    """Reference-style context for the policy itself, dropout off (old log-probs of a reused batch)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def policy():
+        modes = [c.training for c in chunks]
+        for c in chunks:
+            c.eval()
+        try:
+            yield chunks
+        finally:
+            for c, mode in zip(chunks, modes):
+                c.train(mode)
+    return policy
 
 
 def _rollout_metrics(scores, adv, lengths, truncated, gen_time) -> dict:
@@ -296,5 +389,6 @@ def _global_means(step_metrics: dict) -> dict:
             continue
         t = torch.tensor([value, count], dtype=torch.float64)
         dist.all_reduce(t, group=group)
-        out[key] = (t[0] / t[1]).item() if key not in ("zero_adv_groups", "gen_tokens_per_s") else t[0].item()
+        summed = key in ("zero_adv_groups", "gen_tokens_per_s") or (key.startswith("dynamic/") and key != "dynamic/rounds")
+        out[key] = t[0].item() if summed else (t[0] / t[1]).item()
     return out

@@ -72,7 +72,9 @@ def test_top_k_then_p_sampler_draws_from_the_filtered_distribution():
 
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
     expected = filter_logits(logits, 0.7, 5, 0.8).softmax(-1)[0]
-    draws = _sample_top_k_then_p(logits.expand(40000, -1), 0.7, 5, 0.8, torch.Generator().manual_seed(0))
+    draws, logprobs = _sample_top_k_then_p(logits.expand(40000, -1), 0.7, 5, 0.8, torch.Generator().manual_seed(0))
     observed = torch.bincount(draws, minlength=50).float() / draws.numel()
     assert set(observed.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
     assert (observed - expected).abs().max() < 0.01
+    # The sampler's log-prob of each draw (for truncated importance sampling) is its filtered probability.
+    torch.testing.assert_close(logprobs, expected.log()[draws], rtol=1e-5, atol=1e-6)

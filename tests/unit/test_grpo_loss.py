@@ -14,9 +14,10 @@ def _loss(logprobs, old, advantages, mask, truncated, **config):
     num_global_tokens = config.pop("num_global_tokens", None)
     ref = config.pop("ref_logprobs", None)
     entropy = config.pop("entropy", None)
+    sampler = config.pop("sampler_logprobs", None)
     return grpo_loss(logprobs=logprobs, old_logprobs=old, advantages=advantages, completion_mask=mask,
                      truncated=truncated, config=GRPOLossConfig(**config), ref_logprobs=ref,
-                     num_global_tokens=num_global_tokens, entropy=entropy)
+                     num_global_tokens=num_global_tokens, entropy=entropy, sampler_logprobs=sampler)
 
 
 def test_ratio_one_is_the_plain_policy_gradient():
@@ -203,3 +204,45 @@ def test_defaults_are_the_papers():
     cfg = GRPOLossConfig()
     assert (cfg.eps_low, cfg.eps_high, cfg.beta, cfg.normalisation, cfg.mask_truncated) == \
         (0.2, 0.28, 0.0, "bnpo", True)
+
+
+def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
+    """With a sampler whose log-probs are perturbed on purpose, each token's gradient is the plain
+    policy gradient times min(pi_old / pi_sampler, C), by hand; without TIS it is not."""
+    logp, old, advantages, mask = _random_batch(seed=3, noise=0.0)
+    truncated = torch.zeros(4, dtype=torch.bool)
+    perturbation = torch.tensor([[0.5, -0.3, 2.0, 0.0, 0.1, -1.0]]).expand(4, 6)  # log(pi_old / pi_sampler)
+    sampler = old - perturbation
+    loss, metrics = _loss(logp, old, advantages, mask, truncated, sampler_logprobs=sampler, tis_cap=2.0)
+    loss.backward()
+    with_tis = logp.grad.clone()
+    logp.grad = None
+    _loss(logp, old, advantages, mask, truncated)[0].backward()
+    plain = logp.grad
+    weight = perturbation.exp().clamp(max=2.0)
+    torch.testing.assert_close(with_tis, plain * weight)
+    assert not torch.allclose(with_tis, plain)  # the correction does something
+    expected_mean = (weight * mask).sum() / mask.sum()
+    assert metrics["tis_weight_mean"].item() == pytest.approx(expected_mean.item(), rel=1e-6)
+    assert metrics["tis_capped_frac"].item() == pytest.approx(((perturbation > math.log(2)) & mask).sum().item()
+                                                              / mask.sum().item())
+    with pytest.raises(ValueError, match="sampler log-probs"):
+        _loss(logp, old, advantages, mask, truncated, tis_cap=2.0)
+    with pytest.raises(ValueError, match="grpo.loss.tis_cap"):
+        GRPOLossConfig(tis_cap=0.5)
+
+
+@pytest.mark.parametrize("mode, reaches_outside", [("temperature", True), ("filtered", False)])
+def test_train_logprobs_switch_decides_which_tokens_get_gradient(mode, reaches_outside):
+    """TRL (the paper's stack) differentiates the temperature-only distribution: every logit gets
+    gradient; the sampler's filtered distribution gives none to tokens outside top-k/top-p."""
+    from gazal_nemo.rl.config import SamplingConfig
+    from gazal_nemo.stages.grpo import train_filters
+
+    sampling = SamplingConfig(temperature=0.6, top_k=3, top_p=0.95, train_logprobs=mode)
+    logits = torch.randn(2, 4, 10, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    targets = logits.detach().argmax(-1)  # inside every filter
+    token_logprobs(logits, targets, sampling.temperature, *train_filters(sampling)).sum().backward()
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter(-1, logits.detach().topk(3, dim=-1).indices, False)
+    assert bool((logits.grad[outside] != 0).any()) is reaches_outside
+    assert SamplingConfig().train_logprobs == "temperature"
