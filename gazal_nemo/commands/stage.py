@@ -64,7 +64,11 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str], *, dry_run: bo
             print("\n".join(f"# {line}" for line in table.splitlines()))
         return 0
     from gazal_nemo.parallel import init_parallel, shutdown_parallel
-    from gazal_nemo.training.preemption import REQUEUE_EXIT_CODE, install_stop_handlers, restore_default_handlers
+    from gazal_nemo.training.preemption import (
+        REQUEUE_EXIT_CODE,
+        install_stop_handlers,
+        restore_default_handlers,
+    )
 
     install_stop_handlers()  # before the model is built: a signal while loading is not lost
     init_parallel(tp=recipe.parallel.tp, pp=recipe.parallel.pp, cp=recipe.parallel.cp, seed=recipe.train.seed)

@@ -38,6 +38,8 @@ class ScoredGroups:
     scores: RewardScores
     advantages: GroupAdvantages
     gen_time_s: float = 0.0
+    texts: list[str] = field(default_factory=list)
+    """Decoded completions (what the rewards read), same order as completions."""
     stats: dict = field(default_factory=dict)
     """Dynamic-sampling counts of this batch (rounds, dropped and filled groups)."""
 
@@ -104,14 +106,16 @@ def generate_and_score(engine, prompts: list, *, seed: int, grpo, rewards, decod
     gen_time = time.time() - start
     for c in completions:  # generate() saw each prompt repeated; point back at the prompt
         c.prompt_index //= sampling.num_generations
+    texts = [decode(c.tokens) for c in completions]
     scores = score_completions(
-        reward_inputs(completions=[decode(c.tokens) for c in completions], num_tokens=[len(c.tokens) for c in completions],
+        reward_inputs(completions=texts, num_tokens=[len(c.tokens) for c in completions],
                       truncated=[c.truncated for c in completions], prompts=prompts,
                       num_generations=sampling.num_generations),
         rewards, combine=grpo.rewards.combine)
     adv = group_advantages(scores.total, num_generations=sampling.num_generations,
                            scale_by_std=grpo.loss.scale_advantages_by_std, eps=grpo.loss.advantage_eps)
-    return ScoredGroups(prompts=prompts, completions=completions, scores=scores, advantages=adv, gen_time_s=gen_time)
+    return ScoredGroups(prompts=prompts, completions=completions, scores=scores, advantages=adv, gen_time_s=gen_time,
+                        texts=texts)
 
 
 def fill_with_informative_groups(first: ScoredGroups, draw_round: Callable[[int], ScoredGroups], *,

@@ -302,6 +302,7 @@ def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompt
     Its `stats` hold the logged metrics, measured on the first round (an unbiased sample of the
     policy) plus the dynamic-sampling counts.
     """
+    from gazal_nemo.rl.guard import DEGENERATE_METRIC, is_degenerate
     from gazal_nemo.rl.rollout_batch import fill_with_informative_groups, generate_and_score
 
     grpo, seed_base = recipe.grpo, recipe.train.seed
@@ -310,6 +311,7 @@ def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompt
     first = generate_and_score(engine, batch_prompts, seed=seed, grpo=grpo, rewards=rewards, decode=decode)
     stats = _rollout_metrics(first.scores, first.advantages, [len(c.tokens) for c in first.completions],
                              [c.truncated for c in first.completions], first.gen_time_s)
+    stats[DEGENERATE_METRIC] = (float(sum(map(is_degenerate, first.texts))), float(len(first.texts)))
     if not grpo.dynamic_sampling.enabled:
         first.stats = stats
         return first
