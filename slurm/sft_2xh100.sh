@@ -15,6 +15,17 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=256G
 #SBATCH --time=48:00:00
+# 15 min before the time limit USR1 reaches this shell, which stops the ranks after their
+# step, with a checkpoint, and requeues the job. 900 s covers one step in flight (128 x
+# 8192 tokens with full recompute is ~2e17 FLOP: ~5 min at 40% of 2 H100s' bf16 peak), the
+# adapter checkpoint (~2.2B trainable params x 14 bytes = 30 GB: ~1 min at 0.5 GB/s) and
+# Slurm's up to 60 s early signal, with room to spare. An estimate, not a measurement:
+# change it per job with `sbatch --signal=B:USR1@SECONDS` or SBATCH_SIGNAL=B:USR1@SECONDS
+# in sbatch's environment (both override this line).
+#SBATCH --signal=B:USR1@900
+#SBATCH --requeue
+# A requeued job appends to its log instead of truncating it.
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 
 # ============================ configuration =====================================
@@ -28,7 +39,9 @@ CONTAINER_IMAGE="${CONTAINER_IMAGE:-}"
 CONTAINER_MOUNTS="${CONTAINER_MOUNTS:-}"               # extra src:dst[,src:dst] mounts (data, models)
 # Paths (empty: the recipe's own value).
 HF_MODEL_DIR="${HF_MODEL_DIR:-}"                       # model.hf_path: local Qwen3-32B HF folder
-OUTPUT_DIR="${OUTPUT_DIR:-}"                           # checkpoints/, logs/ and export/ go under it
+# checkpoints/, logs/ and export/ go under OUTPUT_DIR; %j is the job id, %x the job name.
+# Empty: runs/%x-%j in the checkout for a job (a requeued job keeps its id and resumes there).
+OUTPUT_DIR="${OUTPUT_DIR:-}"
 SFT_DATA_SYNTHETIC="${SFT_DATA_SYNTHETIC:-}"           # sft_data.sources.0.path: the paper's synthetic set
 SFT_DATA_MEDREASON="${SFT_DATA_MEDREASON:-}"           # sft_data.sources.1.path: MedReason rows
 VENV="${VENV:-}"                                       # virtualenv to activate; empty: <repo>/.venv if it exists
@@ -39,13 +52,26 @@ VENV="${VENV:-}"                                       # virtualenv to activate;
 STAGE=sft
 DATA_OVERRIDES=(${SFT_DATA_SYNTHETIC:+"sft_data.sources.0.path=$SFT_DATA_SYNTHETIC"}
                 ${SFT_DATA_MEDREASON:+"sft_data.sources.1.path=$SFT_DATA_MEDREASON"})
-# sbatch runs a spooled copy of this file: find the checkout from the submitted path
-# (or set GAZAL_ROOT when submitting a copy of this script kept elsewhere).
+# sbatch runs a spooled copy of this file, so the checkout is, in order: GAZAL_ROOT; the
+# submit directory when it is a checkout (`sbatch < slurm/x.sh`, `sbatch --chdir=...` from
+# the checkout); the folder above the submitted script (scontrol's Command=, relative to
+# the submit directory).
 SCRIPT_PATH=${BASH_SOURCE[0]}
-if [[ -n "${SLURM_JOB_ID:-}" && ! -f "$(dirname "$SCRIPT_PATH")/common.sh" ]]; then
-    SCRIPT_PATH=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+if [[ -z "${GAZAL_ROOT:-}" && -f "${SLURM_SUBMIT_DIR:-/nonexistent}/slurm/common.sh" ]]; then
+    GAZAL_ROOT=$SLURM_SUBMIT_DIR
+elif [[ -z "${GAZAL_ROOT:-}" ]]; then
+    submitted=$SCRIPT_PATH
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+        [[ "$submitted" == /* ]] || submitted="${SLURM_SUBMIT_DIR:-.}/$submitted"
+    fi
+    GAZAL_ROOT=$(cd "$(dirname "$submitted")/.." 2>/dev/null && pwd || echo "${submitted%/*}/..")
 fi
-GAZAL_ROOT="${GAZAL_ROOT:-$(cd "$(dirname "$SCRIPT_PATH")/.." && pwd)}"
+if [[ ! -f "$GAZAL_ROOT/slurm/common.sh" ]]; then
+    echo "gazal-slurm: ERROR: no checkout at '$GAZAL_ROOT' (no slurm/common.sh); submit from the" \
+         "checkout or set GAZAL_ROOT=/path/to/gazal-nemo" >&2
+    exit 1
+fi
 VENV="${VENV:-$GAZAL_ROOT/.venv}"
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$GAZAL_ROOT/slurm/common.sh"

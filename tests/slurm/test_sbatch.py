@@ -2,33 +2,42 @@
 
 1. `DRY_RUN=1 bash slurm/<stage>.sh` outside Slurm: the srun line has one task per GPU of
    the header (times $NODES), and the recipe is validated for that world size against the
-   real Qwen3-32B shape (a config.json-only folder); a bad override fails naming its key.
-2. `sbatch --wait slurm/sft_2xh100.sh` on the local one-node Slurm (scripts/ci_slurm_setup.sh)
-   with GAZAL_DEVICE=cpu: the tiny recipe trains over 2 srun tasks with gloo, both ranks
-   report in, and a complete checkpoint holds one file per rank.
-3. The same for slurm/grpo_8xh100.sh with the tiny GRPO recipe.
+   real Qwen3-32B shape (a config.json + tokenizer folder); a bad override fails naming its key.
+2. Inside a job the scripts find the checkout however they were submitted: `sbatch --chdir`
+   with a path relative to the submit directory, the same from outside the checkout, and
+   `sbatch < script` (and say what to set when they cannot).
+3. `sbatch --wait slurm/grpo_8xh100.sh` with its own header (8 GPUs, 8 x 8 CPUs, exclusive)
+   on the one-node CI Slurm with GAZAL_DEVICE=cpu: the tiny recipe trains over 8 ranks.
 4. A GPU job on a node without GPUs stops before srun with a message that says what to do.
 
-The sbatch tests skip when `sbatch` is missing or slurmctld does not answer.
+Stop/requeue and time limits: test_requeue.py; two nodes: test_two_node.py. The sbatch
+tests skip when `sbatch` is missing or slurmctld does not answer.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from slurm_jobs import (
+    GRPO_OVERRIDES,
+    GRPO_SCRIPT,
+    REPO,
+    SFT_SCRIPT,
+    assert_complete_checkpoint,
+    assert_one_row_per_step,
+    assert_ranks_placed,
+    metric_rows,
+    script_env,
+    slurm_skip_reason,
+    submit,
+)
 
 pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parents[2]
-SFT_SCRIPT = "slurm/sft_2xh100.sh"
-GRPO_SCRIPT = "slurm/grpo_8xh100.sh"
-JOB_TIMEOUT_S = 150
 
 # Qwen3-32B's config.json (the fields the shape and the layout checks read).
 QWEN3_32B_CONFIG = {
@@ -39,44 +48,25 @@ QWEN3_32B_CONFIG = {
     "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 
-# Launcher variables of an enclosing job (pytest run inside salloc/torchrun) would leak
-# into the scripts' layout; the tests set their own.
-_LAUNCH_VARS = re.compile(r"^(SLURM_|SRUN_|SBATCH_|SALLOC_)|^(RANK|WORLD_SIZE|LOCAL_RANK|MASTER_ADDR|MASTER_PORT)$")
-
-
-def _script_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.search(k)}
-    env.update(settings)
-    return env
-
-
-def _slurm_skip_reason() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch not on PATH (run scripts/ci_slurm_setup.sh)"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol ping failed: {e}"
-    if "UP" not in ping.stdout:
-        return f"slurmctld not answering: {ping.stdout.strip() or ping.stderr.strip()}"
-    return None
-
-
-_SLURM_SKIP_REASON = _slurm_skip_reason()
+_SLURM_SKIP_REASON = slurm_skip_reason()
 needs_slurm = pytest.mark.skipif(_SLURM_SKIP_REASON is not None, reason=str(_SLURM_SKIP_REASON))
+JOB_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
 def qwen3_32b_config_dir(tmp_path_factory) -> Path:
-    """A Hugging Face folder with only Qwen3-32B's config.json: enough for --dry-run."""
+    """A Hugging Face folder with Qwen3-32B's config.json and a (tiny) tokenizer: enough for --dry-run."""
+    from gazal_nemo.testing.tiny import make_tiny_tokenizer
+
     folder = tmp_path_factory.mktemp("qwen3_32b_config")
+    make_tiny_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(QWEN3_32B_CONFIG))
     return folder
 
 
 def _dry_run(script: str, **settings: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=_script_env(DRY_RUN="1", **settings))
+                          env=script_env(DRY_RUN="1", **settings))
 
 
 def _srun_line(stdout: str) -> str:
@@ -108,7 +98,7 @@ def test_two_node_dry_run_doubles_the_world(qwen3_32b_config_dir):
 def test_sft_dry_run_prints_srun_for_2_gpus(qwen3_32b_config_dir, tmp_path):
     result = subprocess.run(["bash", SFT_SCRIPT, "train.max_steps=7"], cwd=REPO, capture_output=True,
                             text=True, timeout=120,
-                            env=_script_env(DRY_RUN="1", HF_MODEL_DIR=str(qwen3_32b_config_dir),
+                            env=script_env(DRY_RUN="1", HF_MODEL_DIR=str(qwen3_32b_config_dir),
                                             OUTPUT_DIR=str(tmp_path / "out")))
     assert result.returncode == 0, result.stdout + result.stderr
     srun = _srun_line(result.stdout)
@@ -129,7 +119,7 @@ def test_dry_run_refuses_a_bad_override_naming_the_key(qwen3_32b_config_dir, ove
 
 def test_real_launch_outside_slurm_is_refused():
     result = subprocess.run(["bash", SFT_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60,
-                            env=_script_env())
+                            env=script_env())
     assert result.returncode != 0
     assert "not inside a Slurm job" in result.stderr
 
@@ -137,66 +127,43 @@ def test_real_launch_outside_slurm_is_refused():
 # ---------------------------------------------------------------------------- sbatch
 
 
-def _sbatch_cpu(script: str, tmp_path: Path, **settings: str) -> tuple[int, str]:
-    """`sbatch --wait` the script as a 2-task CPU job; returns (exit code, output file text)."""
-    output = tmp_path / "job-%j.out"
-    command = ["sbatch", "--wait", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-               "--cpus-per-task=1", "--mem=2G", "--time=5", f"--output={output}", script]
-    env = _script_env(**{"GAZAL_DEVICE": "cpu", **settings})
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    job_id = proc.stdout.readline().strip().split(";")[0]
-    try:
-        proc.wait(timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %R"], capture_output=True, text=True)
-        subprocess.run(["scancel", job_id], check=False)
-        proc.kill()
-        pytest.fail(f"job {job_id} did not finish in {JOB_TIMEOUT_S}s (state: {state.stdout.strip()}):\n"
-                    f"{_read(tmp_path, job_id)}")
-    assert job_id.isdigit(), f"sbatch did not submit: {proc.stderr.read()}"
-    return proc.returncode, _read(tmp_path, job_id)
+def _tiny_sft_settings(inputs: dict[str, Path], out: Path) -> dict[str, str]:
+    return {"RECIPE": "recipes/tiny_cpu_sft.yaml", "HF_MODEL_DIR": str(inputs["model"]),
+            "SFT_DATA_SYNTHETIC": str(inputs["sft"]), "OUTPUT_DIR": str(out)}
 
 
-def _read(tmp_path: Path, job_id: str) -> str:
-    path = tmp_path / f"job-{job_id}.out"
-    return path.read_text() if path.is_file() else f"(no output file {path})"
+@needs_slurm
+@pytest.mark.parametrize("how", ["chdir", "chdir_from_elsewhere", "stdin"])
+def test_sbatch_finds_the_checkout_however_submitted(how, tiny_run_inputs, tmp_path):
+    """A dry run inside the job: it only passes when the job found recipes/ and gazal_nemo/."""
+    script, cwd, args, stdin = {
+        # --chdir with a script path relative to the submit directory (the checkout).
+        "chdir": (SFT_SCRIPT, REPO, ("--chdir=/tmp",), False),
+        # Submitted from outside the checkout: found from the script's own path.
+        "chdir_from_elsewhere": (str(REPO / SFT_SCRIPT), tmp_path, (f"--chdir={tmp_path}",), False),
+        # No script path at all: the submit directory is the checkout.
+        "stdin": (SFT_SCRIPT, REPO, ("--chdir=/tmp",), True),
+    }[how]
+    job = submit(script, tmp_path, sbatch_args=args, cwd=cwd, stdin=stdin, DRY_RUN="1",
+                 **_tiny_sft_settings(tiny_run_inputs, tmp_path / "out"))
+    code = job.wait(JOB_TIMEOUT_S)
+    log = job.log()
+    assert code == 0, log[-4000:]
+    assert "gazal-slurm: dry run OK" in log and "world size 2" in log, log[-4000:]
 
 
-def _assert_both_ranks_ran(log: str) -> None:
-    for rank in (0, 1):
-        assert re.search(rf"^{rank}: rank {rank}/2 on \S+ local_rank {rank}$", log, re.M), log[-4000:]
-
-
-def _assert_complete_checkpoint(checkpoint_dir: Path, step: int) -> None:
-    step_dir = checkpoint_dir / f"step_{step:06d}"
-    assert step_dir.is_dir(), f"no {step_dir}; found {sorted(p.name for p in checkpoint_dir.iterdir())}"
-    state = json.loads((step_dir / "trainer_state.json").read_text())
-    assert state["step"] == step and state["world_size"] == 2
-    assert sorted(p.name for p in step_dir.glob("rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
-
-
-def _metric_rows(logs_dir: Path) -> list[dict]:
-    path = logs_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Qwen3 and the demo's SFT/GRPO data files, in a folder the jobs can read."""
-    from gazal_nemo.commands.demo_data import write_demo_data
-    from gazal_nemo.testing.tiny import make_tiny_qwen3
-
-    root = tmp_path_factory.mktemp("slurm_inputs")
-    model = make_tiny_qwen3(root / "model", seed=0)
-    data = write_demo_data(root / "data", model, num_sft=16, num_grpo=32)
-    return {"model": Path(model), "sft": Path(data["sft"]), "grpo": Path(data["grpo"])}
+@needs_slurm
+def test_sbatch_from_stdin_outside_the_checkout_says_to_set_gazal_root(tmp_path):
+    job = submit(SFT_SCRIPT, tmp_path, cwd=tmp_path, stdin=True, DRY_RUN="1")
+    assert job.wait(JOB_TIMEOUT_S) != 0
+    assert "no checkout at" in job.log() and "GAZAL_ROOT" in job.log(), job.log()
 
 
 @needs_slurm
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this node has GPUs")
 def test_sbatch_gpu_job_on_a_node_without_gpus_fails_before_srun(tmp_path):
-    code, log = _sbatch_cpu(SFT_SCRIPT, tmp_path, GAZAL_DEVICE="cuda")
+    job = submit(SFT_SCRIPT, tmp_path, GAZAL_DEVICE="cuda")
+    code, log = job.wait(JOB_TIMEOUT_S), job.log()
     assert code != 0
     assert "found 0 GPU(s)" in log and "GAZAL_DEVICE=cpu" in log
     assert "rank 0/2" not in log
@@ -204,31 +171,15 @@ def test_sbatch_gpu_job_on_a_node_without_gpus_fails_before_srun(tmp_path):
 
 @needs_slurm
 @pytest.mark.slow
-def test_sbatch_sft_trains_the_tiny_recipe_on_two_cpu_tasks(tiny_run_inputs, tmp_path):
+def test_sbatch_grpo_trains_the_tiny_recipe_on_eight_ranks_with_the_scripts_header(tiny_run_inputs, tmp_path):
+    """The header's 8 tasks x 8 CPUs, 8 GPUs, --exclusive, --mem=0, unmodified (world size 8, dp 8)."""
     out = tmp_path / "run"
-    code, log = _sbatch_cpu(
-        SFT_SCRIPT, tmp_path, RECIPE="recipes/tiny_cpu_sft.yaml", HF_MODEL_DIR=str(tiny_run_inputs["model"]),
-        SFT_DATA_SYNTHETIC=str(tiny_run_inputs["sft"]), OUTPUT_DIR=str(out),
-        OVERRIDES="train.max_steps=2 checkpoint.save_every=1 export_dir=null")
+    job = submit(GRPO_SCRIPT, tmp_path, RECIPE="recipes/tiny_cpu_grpo.yaml",
+                 HF_MODEL_DIR=str(tiny_run_inputs["model"]), GRPO_DATA=str(tiny_run_inputs["grpo"]),
+                 OUTPUT_DIR=str(out), OVERRIDES=GRPO_OVERRIDES)
+    code, log = job.wait(JOB_TIMEOUT_S), job.log()
     assert code == 0, log[-6000:]
-    assert "world size 2" in log and "device cpu" in log
-    _assert_both_ranks_ran(log)
-    _assert_complete_checkpoint(out / "checkpoints", step=2)
-    rows = _metric_rows(out / "logs")
-    assert [row["step"] for row in rows] == [1, 2]
-    assert all(row["loss"] > 0 for row in rows)
-
-
-@needs_slurm
-@pytest.mark.slow
-def test_sbatch_grpo_trains_the_tiny_recipe_on_two_cpu_tasks(tiny_run_inputs, tmp_path):
-    out = tmp_path / "run"
-    code, log = _sbatch_cpu(
-        GRPO_SCRIPT, tmp_path, RECIPE="recipes/tiny_cpu_grpo.yaml", HF_MODEL_DIR=str(tiny_run_inputs["model"]),
-        GRPO_DATA=str(tiny_run_inputs["grpo"]), OUTPUT_DIR=str(out),
-        OVERRIDES="train.max_steps=1 grpo.sampling.max_new_tokens=8 export_dir=null")
-    assert code == 0, log[-6000:]
-    _assert_both_ranks_ran(log)
-    _assert_complete_checkpoint(out / "checkpoints", step=1)
-    rows = _metric_rows(out / "logs")
-    assert [row["step"] for row in rows] == [1]
+    assert "world size 8" in log and "device cpu" in log
+    assert_ranks_placed(log, 8)
+    assert_complete_checkpoint(out / "checkpoints", step=1, world_size=8)
+    assert_one_row_per_step(metric_rows(out / "logs"), 1)
