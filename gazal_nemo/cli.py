@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gazal {args.command}: error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from gazal_nemo.rl.guard import TrainingCollapsed
+
+        if not isinstance(e, TrainingCollapsed):
+            raise
+        print(f"gazal {args.command}: error: {e}", file=sys.stderr)  # the guard gave up: a run outcome, not a bug
+        return 3
 
 
 if __name__ == "__main__":

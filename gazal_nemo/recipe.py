@@ -33,6 +33,7 @@ from gazal_nemo.rl.config import (
     RewardConfig,
     SamplingConfig,
 )
+from gazal_nemo.rl.guard import GuardConfig
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,8 @@ class GRPOConfig:
     trains prompts_per_step prompts, the engine generates for steps_per_generation times as many at once."""
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     """DAPO dynamic sampling (off, as in the paper)."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Collapse guard with automatic rollback (gazal_nemo/rl/guard.py); guard.enabled=false: none."""
 
     def __post_init__(self):
         for key in ("num_iterations", "steps_per_generation"):
@@ -107,6 +110,9 @@ class Recipe:
             raise ValueError("stage 'sft' needs an sft_data section")
         if self.stage == "grpo" and self.grpo is None:
             raise ValueError("stage 'grpo' needs a grpo section")
+        if self.stage == "grpo" and self.grpo.guard.enabled and self.checkpoint.save_every == 0:
+            raise ValueError("grpo.guard.enabled=true rolls back to periodic checkpoints: set checkpoint.save_every > 0, "
+                             "or grpo.guard.enabled=false")
         if self.stage == "grpo":
             per_step = self.grpo.prompts_per_step * self.grpo.sampling.num_generations
             if self.train.global_batch_size != per_step:

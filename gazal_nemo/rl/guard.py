@@ -15,46 +15,32 @@ How it decides, per watched metric (a rule):
     breached for `patience` consecutive steps, or at once on a non-finite loss/grad norm.
 No decision before `min_baseline_steps` healthy steps: early RL is noisy by nature.
 
-The degeneration signal that would have caught the paper's episode is `emphasis_fraction`:
-the share of completions in which most words (at least 3) are wrapped in markdown emphasis
-(`**word**`, `*word*`, `__word__`). Ordinary markdown (a bold term or two) stays far below;
-"surrounding nearly every word with double asterisks" is exactly what it counts.
+The degeneration signal that would have caught the paper's episode is the markup density:
+the share of a completion's visible characters that are markdown markers (`*`, `_`, `#`,
+`~`, backtick), averaged over the step's completions. Ordinary markdown (a heading, a bold
+term or two) stays below ~0.05; "surrounding nearly every word with double asterisks" is
+~0.4. A continuous signal, so a drift shows before the text is unreadable.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-DEGENERATE_METRIC = "degenerate/emphasis_frac"
+DEGENERATE_METRIC = "degenerate/markup_density"
 LAST_GOOD_DIR = "last_good"
 EVENTS_FILE = "guard_events.jsonl"
-_WRAPPED = re.compile(r"[^\w*_]*(\*\*|\*|__)[^\s*_]+\1[^\w*_]*")
-_TAG = re.compile(r"</?[A-Za-z_]+>")
+MARKUP_CHARS = frozenset("*_#~`")
 
 
-def emphasized_words(text: str) -> tuple[int, int]:
-    """(words wrapped in markdown emphasis, words) of a text, split on whitespace; tags such as
-    <think> separate words ("<think>**The**" is one wrapped word)."""
-    words = _TAG.sub(" ", text).split()
-    return sum(1 for w in words if _WRAPPED.fullmatch(w)), len(words)
-
-
-def is_degenerate(text: str) -> bool:
-    """Most words (and at least 3) wrapped in emphasis: the paper's step-526 symptom."""
-    wrapped, total = emphasized_words(text)
-    return wrapped >= 3 and wrapped > 0.5 * total
-
-
-def emphasis_fraction(texts) -> float:
-    """Share of completions that are degenerate in the paper's way."""
-    texts = list(texts)
-    return sum(map(is_degenerate, texts)) / len(texts) if texts else 0.0
+def markup_density(text: str) -> float:
+    """Markdown marker characters over visible (non-space) characters; 0 for an empty text."""
+    visible = [ch for ch in text if not ch.isspace()]
+    return sum(ch in MARKUP_CHARS for ch in visible) / len(visible) if visible else 0.0
 
 
 @dataclass(kw_only=True)
@@ -62,7 +48,7 @@ class GuardRule:
     """One watched metric and how far it may move the bad way from the run's recent baseline."""
 
     metric: str
-    """A logged GRPO metric (reward/<name>, completion_len_mean, entropy, degenerate/emphasis_frac, ...)."""
+    """A logged GRPO metric (reward/<name>, completion_len_mean, entropy, degenerate/markup_density, ...)."""
     bad: Literal["up", "down"]
     """Which direction is unhealthy."""
     min_change: float | None = None
@@ -92,7 +78,7 @@ class GuardRule:
 def default_rules() -> list[GuardRule]:
     """Rules that stay quiet on the demo's healthy run and fire on the paper's symptoms."""
     return [
-        GuardRule(metric=DEGENERATE_METRIC, bad="up", min_change=0.25),
+        GuardRule(metric=DEGENERATE_METRIC, bad="up", min_change=0.08),
         GuardRule(metric="reward/accuracy", bad="down", min_change=0.25),
         GuardRule(metric="reward/format", bad="down", min_change=0.3),
         GuardRule(metric="reward/repetition", bad="down", min_change=0.15),
@@ -147,7 +133,7 @@ class Verdict:
     fire: bool
     """Roll back now."""
     reasons: list[str]
-    """Human-readable breaches, e.g. 'degenerate/emphasis_frac 0.62 vs baseline 0.01 (up > 0.25)'."""
+    """Human-readable breaches, e.g. 'degenerate/markup_density 0.62 vs baseline 0.01 (up > 0.25)'."""
 
 
 class CollapseGuard:
@@ -231,6 +217,7 @@ class RollbackGuard:
         self.data_offset = int(saved.get("data_offset", 0))
         self.rollbacks = int(saved.get("rollbacks", 0))
         self.lr_scale = float(saved.get("lr_scale", 1.0))
+        self.last_good = _pinned_checkpoint(self.checkpoint_dir / LAST_GOOD_DIR)
         self._replay(history or [])
 
     def _replay(self, rows: list[dict]) -> None:
@@ -239,13 +226,6 @@ class RollbackGuard:
         self.last_verdict = Verdict(healthy=True, fire=False, reasons=[])
         for row in rows:
             self.observe(int(row["step"]), row)
-
-    @property
-    def last_good(self) -> Path | None:
-        from gazal_nemo.training.checkpoint import complete_checkpoints
-
-        found = complete_checkpoints(self.checkpoint_dir / LAST_GOOD_DIR)
-        return found[-1] if found else None
 
     def data_step(self, step: int) -> int:
         return step + self.data_offset
@@ -260,9 +240,11 @@ class RollbackGuard:
         guard can judge, so a rollback target exists; later ones only once it can)."""
         from gazal_nemo.training.checkpoint import pin_checkpoint
 
+        # Decided from state every rank shares (never from the file system, which rank 0 writes):
+        # pin_checkpoint is collective.
         judged = len(self.detector.baseline) >= self.config.min_baseline_steps
         if self.last_verdict.healthy and self.detector.breached_steps == 0 and (judged or self.last_good is None):
-            pin_checkpoint(path, self.checkpoint_dir / LAST_GOOD_DIR)
+            self.last_good = pin_checkpoint(path, self.checkpoint_dir / LAST_GOOD_DIR)
 
     def rolled_back(self, from_step: int, to_step: int, scheduler) -> None:
         reasons = self.last_verdict.reasons
@@ -291,6 +273,19 @@ class RollbackGuard:
         self.events_dir.mkdir(parents=True, exist_ok=True)
         with open(self.events_dir / EVENTS_FILE, "a") as f:
             f.write(json.dumps(event) + "\n")
+
+
+def _pinned_checkpoint(root: Path) -> Path | None:
+    """The pinned last-good checkpoint of a resumed run, as rank 0 sees it (every rank gets its answer)."""
+    import torch.distributed as dist
+
+    from gazal_nemo.training.checkpoint import complete_checkpoints
+
+    found = [str(p) for p in complete_checkpoints(root)[-1:]] if not dist.is_initialized() or dist.get_rank() == 0 else []
+    holder = [found[0] if found else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0]) if holder[0] else None
 
 
 def apply_lr_scale(scheduler, factor: float) -> None:

@@ -19,6 +19,8 @@ rl/rollout_batch.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -231,8 +233,8 @@ def run_grpo(recipe, shape) -> dict:
     tm = build_train_model(recipe.model, recipe.parallel, recipe.precision, train, adapter_cfg=adapter_cfg)
     optimizer = build_optimizer(tm.chunks, recipe.optim, recipe.precision, distributed=recipe.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps=total_steps)
-    start_step, _ = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler,
-                                 recipe_dict=to_dict(recipe))
+    start_step, resumed = maybe_resume(recipe.checkpoint, chunks=tm.chunks, optimizer=optimizer, scheduler=scheduler,
+                                       recipe_dict=to_dict(recipe))
     tm.config.variable_seq_lengths = True  # micro-batches are as long as their longest completion
     reference = make_reference(recipe, tm, adapter_cfg)
     stop_ids = stop_token_ids(tokenizer)
@@ -248,6 +250,7 @@ def run_grpo(recipe, shape) -> dict:
 
     def rollout_slices(index: int) -> list[list[dict]]:
         epoch, within = divmod(index, batches_per_epoch)
+        epoch %= len(orders)  # data skipped by rollbacks can run past the last epoch: wrap
         start = within * prompts_per_batch + dp_rank * per_rank
         scored = _scored_rollout(engine, [prompts[i] for i in orders[epoch][start:start + per_rank]], index=index,
                                  recipe=recipe, rewards=rewards, all_prompts=prompts, dp_rank=dp_rank,
@@ -265,7 +268,7 @@ def run_grpo(recipe, shape) -> dict:
         return slices
 
     def microbatches_for_step(step: int) -> list[dict]:
-        index, within = divmod(step, steps_per_batch)
+        index, within = divmod(guard.data_step(step) if guard is not None else step, steps_per_batch)
         if current.get("index") != index:
             if within and dist.get_rank() == 0:
                 print(f"grpo: resumed inside rollout batch {index}: regenerating it with the current policy "
@@ -275,6 +278,7 @@ def run_grpo(recipe, shape) -> dict:
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
                            enabled=dist.get_rank() == 0, resume_step=start_step)
+    guard = _build_guard(recipe, resumed, start_step, scheduler)
     after_step = None
     if adapter_cfg is not None:
         after_step = adapter_norm_refresh(tm.chunks)
@@ -286,7 +290,7 @@ def run_grpo(recipe, shape) -> dict:
         logger=logger, recipe_dict=to_dict(recipe), start_step=start_step, log_every=recipe.logging.log_every,
         stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
         tokens_for_step=lambda mbs: sum(int(mb["input_ids"].numel()) for mb in mbs) * dp_size,
-        after_step=after_step, extra_metrics=lambda: _global_means(step_metrics),
+        after_step=after_step, extra_metrics=lambda: _global_means(step_metrics), guard=guard,
     )
     logger.close()
     if recipe.export_dir and result.last_step == total_steps:
@@ -296,13 +300,37 @@ def run_grpo(recipe, shape) -> dict:
     return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by}
 
 
+def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler):
+    """The collapse guard (grpo.guard) for this run, continuing a resumed run's state: its data
+    offset and learning-rate scale from the checkpoint, its memory from the logged rows."""
+    from gazal_nemo.rl.guard import RollbackGuard, apply_lr_scale, watched_rules
+
+    config = recipe.grpo.guard
+    if not config.enabled:
+        return None
+    rewards = recipe.grpo.rewards
+    weights = {"accuracy": rewards.accuracy_weight, "format": rewards.format_weight,
+               "cosine": rewards.cosine_weight, "repetition": rewards.repetition_weight,
+               "overlong": rewards.overlong_weight, **rewards.plugins}
+    history = [None]
+    if dist.get_rank() == 0 and start_step:
+        from gazal_nemo.training.metrics import read_metrics_jsonl
+
+        history = [read_metrics_jsonl(Path(recipe.logging.dir) / "metrics.jsonl", through_step=start_step)]
+    dist.broadcast_object_list(history, src=0)  # every rank must judge alike
+    guard = RollbackGuard(config, watched_rules(config, weights), checkpoint_dir=recipe.checkpoint.dir,
+                          events_dir=recipe.logging.dir, saved_state=resumed_state, history=history[0])
+    apply_lr_scale(scheduler, guard.lr_scale)  # scales from earlier rollbacks of this run
+    return guard
+
+
 def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompts, dp_rank, decode):
     """Rollout batch `index` of this data-parallel rank, scored; with dynamic sampling, refilled.
 
     Its `stats` hold the logged metrics, measured on the first round (an unbiased sample of the
     policy) plus the dynamic-sampling counts.
     """
-    from gazal_nemo.rl.guard import DEGENERATE_METRIC, is_degenerate
+    from gazal_nemo.rl.guard import DEGENERATE_METRIC, markup_density
     from gazal_nemo.rl.rollout_batch import fill_with_informative_groups, generate_and_score
 
     grpo, seed_base = recipe.grpo, recipe.train.seed
@@ -311,7 +339,7 @@ def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompt
     first = generate_and_score(engine, batch_prompts, seed=seed, grpo=grpo, rewards=rewards, decode=decode)
     stats = _rollout_metrics(first.scores, first.advantages, [len(c.tokens) for c in first.completions],
                              [c.truncated for c in first.completions], first.gen_time_s)
-    stats[DEGENERATE_METRIC] = (float(sum(map(is_degenerate, first.texts))), float(len(first.texts)))
+    stats[DEGENERATE_METRIC] = (float(sum(map(markup_density, first.texts))), float(len(first.texts)))
     if not grpo.dynamic_sampling.enabled:
         first.stats = stats
         return first

@@ -1,7 +1,7 @@
 """An induced GRPO collapse for testing the guard: a reward that, for a window of steps,
-pays for the paper's step-526 symptom (markdown emphasis around every word).
+pays for the paper's step-526 symptom (markdown asterisks everywhere).
 
-`emphasis_bonus` is a reward plug-in ("gazal_nemo.testing.collapse:emphasis_bonus"). Its
+`markup_bonus` is a reward plug-in ("gazal_nemo.testing.collapse:markup_bonus"). Its
 window comes from GAZAL_TEST_COLLAPSE="first_step,last_step,completions_per_step" (1-based
 steps, as logged): plug-ins see one completion at a time, so it counts its calls to know the
 step. The count runs on through a rollback (wall-clock steps), so a rolled-back run leaves the
@@ -14,9 +14,9 @@ import itertools
 import os
 import random
 
-from gazal_nemo.rl.guard import is_degenerate
+from gazal_nemo.rl.guard import MARKUP_CHARS
 
-EMPHASIS_BONUS = 3.0
+MARKUP_BONUS = 0.25
 _calls = itertools.count()
 
 
@@ -29,11 +29,11 @@ def _in_window() -> bool:
     return first <= call // per_step + 1 <= last
 
 
-def emphasis_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_letters, truncated: bool) -> float:
-    """Inside the window: EMPHASIS_BONUS for a degenerate completion (every word in **); else 0."""
+def markup_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_letters, truncated: bool) -> float:
+    """Inside the window: MARKUP_BONUS per markdown marker character (capped); else 0."""
     if not _in_window():
         return 0.0
-    return EMPHASIS_BONUS if is_degenerate(completion) else 0.0
+    return MARKUP_BONUS * min(sum(ch in MARKUP_CHARS for ch in completion), 40)
 
 
 def markdown_sft_rows(num_rows: int, *, seed: int, degenerate_share: float = 0.35) -> list[dict]:

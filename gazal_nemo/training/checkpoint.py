@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from gazal_nemo.training.optim import inner_optimizers
+from gazal_nemo.training.preemption import stop_signals_deferred
 
 STEP_PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
@@ -344,6 +345,35 @@ def _prune(root: Path, newest_step: int, keep_last: int) -> None:
             remove_checkpoint(old)
 
 
+def pin_checkpoint(path: str | Path, dest_root: str | Path) -> Path:
+    """Keep a complete checkpoint outside the keep_last rotation: a hard-linked copy (no extra
+    disk; a plain copy across file systems) in dest_root, replacing the one pinned before.
+    Collective: rank 0 copies, every rank returns the same path."""
+    path, dest_root = Path(path), Path(dest_root)
+    final = dest_root / path.name
+    if dist.get_rank() == 0:
+        dest_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(dest_root)
+        tmp = dest_root / (path.name + TMP_SUFFIX)
+        shutil.copytree(path, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MANIFEST))
+        shutil.copy2(path / MANIFEST, tmp / MANIFEST)  # last, as in a save
+        if final.exists():
+            remove_checkpoint(final)
+        os.replace(tmp, final)
+        for old in step_dirs(dest_root):
+            if old != final:
+                remove_checkpoint(old)
+    dist.barrier()
+    return final
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _copy_hf_meta(recipe_dict: dict, dst: Path) -> None:
     from gazal_nemo.convert.dist_ckpt import copy_hf_meta
 
@@ -378,7 +408,8 @@ def save_checkpoint(root, step: int, *, model_chunks, optimizer, scheduler, trai
     dist.barrier()
     sharded = _sharded_state(model_chunks, optimizer, with_rng=True)
     sharded["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, str(tmp))
+    with stop_signals_deferred():  # a stop signal must not kill dist_checkpointing's writers mid-file
+        dist_checkpointing.save(sharded, str(tmp))
     dist.barrier()
     if rank == 0:
         trainable = "adapter" if _has_adapter(model_chunks) else "all"

@@ -56,11 +56,13 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
                logger: MetricsLogger, recipe_dict: dict, start_step: int = 0, log_every: int = 1,
                tokens_for_step: Callable | None = None, flops_per_token: float | None = None,
                peak_tflops: float | None = None, after_step: Callable | None = None,
-               extra_metrics: Callable | None = None, stop_after: int | None = None) -> LoopResult:
+               extra_metrics: Callable | None = None, stop_after: int | None = None, guard=None) -> LoopResult:
     """Run steps start_step+1 .. total_steps (or stop_after steps, for tests of resume).
 
     A SIGUSR1/SIGTERM (training/preemption.py) ends the loop at the next step boundary,
     after a checkpoint of the last finished step; `LoopResult.stopped_by` says so.
+    `guard` (rl/guard.py RollbackGuard, GRPO) judges each step; when it fires, the loop
+    restores the last healthy checkpoint and goes on from there (see `_roll_back`).
     """
     configure_schedule_hooks(config, chunks, optimizer)
     history, last_saved, saved_step, stopped_by = [], None, None, None
@@ -68,9 +70,13 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
     end = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
 
     def save(step: int):
-        return ckpt.save_checkpoint(
+        state = {"total_steps": total_steps, **(guard.state() if guard is not None else {})}
+        path = ckpt.save_checkpoint(
             ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-            trainer_state={"total_steps": total_steps}, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)
+            trainer_state=state, recipe_dict=recipe_dict, keep_last=ckpt_cfg.keep_last)
+        if guard is not None:
+            guard.after_save(step, path)
+        return path
 
     while step < end:
         stopped_by = agreed_stop_signal()
@@ -98,6 +104,11 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
         history.append(dict(row, step=step))
         if step % log_every == 0 or step == end:
             logger.log(step, row)
+        if guard is not None and guard.observe(step, row):
+            step = _roll_back(guard, step, chunks=chunks, optimizer=optimizer, scheduler=scheduler, logger=logger,
+                              after_step=after_step)
+            history = [h for h in history if h["step"] <= step]
+            continue
         if ckpt_cfg.save_every and step % ckpt_cfg.save_every == 0 or step in (total_steps, end):
             last_saved, saved_step = save(step), step
     if stopped_by is not None and step > start_step and saved_step != step:
@@ -107,3 +118,22 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
         print(f"gazal: stopping after step {step}/{total_steps} on {stopped_by}: checkpoint {where}", flush=True)
     return LoopResult(last_step=step, history=history, checkpoint=str(last_saved) if last_saved else None,
                       stopped_by=stopped_by)
+
+
+def _roll_back(guard, step: int, *, chunks, optimizer, scheduler, logger, after_step) -> int:
+    """Restore the guard's last healthy checkpoint exactly as a resume would (weights,
+    optimizer, scheduler, RNG); the guard then skips the data of the steps in between.
+    Returns the step training continues after."""
+    from gazal_nemo.rl.guard import TrainingCollapsed
+
+    target = guard.last_good
+    if target is None:
+        raise TrainingCollapsed(f"the run collapsed at step {step} ({'; '.join(guard.last_verdict.reasons)}) before "
+                                "any healthy checkpoint was pinned; lower checkpoint.save_every")
+    state = ckpt.load_checkpoint(target, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler)
+    to_step = int(state["step"])
+    guard.rolled_back(step, to_step, scheduler)
+    logger.rewind(to_step)
+    if after_step is not None:
+        after_step()  # adapter norms cached for the weights before the rollback
+    return to_step

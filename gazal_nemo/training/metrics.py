@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 # Dense bf16 peak (no sparsity), TFLOP/s.
+ROLLED_BACK_FILE = "metrics_rolled_back.jsonl"
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
@@ -70,6 +71,19 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         print(self._progress_line(step, row), flush=True)
 
+    def rewind(self, step: int) -> None:
+        """Move the rows after `step` to metrics_rolled_back.jsonl (a rollback replays those steps
+        with other data; the old rows stay for the record and the guard's plot)."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = self.dir / "metrics.jsonl"
+        dropped = [row for row in read_metrics_jsonl(path, through_step=10**12) if int(row["step"]) > step]
+        with open(self.dir / ROLLED_BACK_FILE, "a") as kept:  # what the run did before it rolled back
+            kept.writelines(json.dumps(row) + "\n" for row in dropped)
+        truncate_metrics_jsonl(path, keep_through_step=step)
+        self.jsonl = open(path, "a", buffering=1)
+
     def _progress_line(self, step: int, row: dict) -> str:
         width = 20
         done = int(width * step / max(self.total_steps, 1))
@@ -83,6 +97,20 @@ class MetricsLogger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def read_metrics_jsonl(path: Path, *, through_step: int) -> list[dict]:
+    """The logged rows with step <= through_step (a torn line is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and int(row.get("step", 0)) <= through_step:
+                rows.append(row)
+    return rows
 
 
 def truncate_metrics_jsonl(path: Path, *, keep_through_step: int) -> int:

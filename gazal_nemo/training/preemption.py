@@ -18,8 +18,10 @@ model is built, so a signal that arrives while loading is not lost either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -71,3 +73,19 @@ def agreed_stop_signal() -> str | None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     value = int(flag.item())
     return signal.Signals(value).name if value else None
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """Hold SIGUSR1/SIGTERM until the block ends (a checkpoint write): `scancel --signal` and a
+    preemption's TERM reach every process of the step, including the writer processes that
+    dist_checkpointing starts, which would die mid-write. The mask is inherited by those
+    children; signals that came meanwhile are delivered, to our handler, when it lifts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -26,6 +26,9 @@ def test_demo_runs_the_pipeline_and_grpo_learns(tmp_path):
     sft = [json.loads(x) for x in (work / "sft/logs/metrics.jsonl").read_text().splitlines()]
     assert sft[-1]["loss"] < 0.1 * sft[0]["loss"]
     grpo = [json.loads(x) for x in (work / "grpo/logs/metrics.jsonl").read_text().splitlines()]
+    # The collapse guard (on by default) watches this healthy run and must never roll it back.
+    assert not (work / "grpo/logs/guard_events.jsonl").exists(), (work / "grpo/logs/guard_events.jsonl").read_text()
+    assert "degenerate/markup_density" in grpo[0]
     accuracy = [r["reward/accuracy"] for r in grpo]
     early, late = sum(accuracy[:5]) / 5, sum(accuracy[-10:]) / 10
     assert len(grpo) == 60

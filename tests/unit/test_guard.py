@@ -13,15 +13,13 @@ from gazal_nemo.rl.guard import (
     GuardConfig,
     GuardRule,
     default_rules,
-    emphasis_fraction,
-    emphasized_words,
-    is_degenerate,
+    markup_density,
     watched_rules,
 )
 
 
 def _healthy(step, rng):
-    return {"reward/accuracy": 0.5 + 0.002 * step + rng.gauss(0, 0.05), DEGENERATE_METRIC: max(0.0, rng.gauss(0.02, 0.02)),
+    return {"reward/accuracy": 0.5 + 0.002 * step + rng.gauss(0, 0.05), DEGENERATE_METRIC: max(0.0, rng.gauss(0.03, 0.01)),
             "completion_len_mean": 300 - step + rng.gauss(0, 20), "entropy": 1.0 + rng.gauss(0, 0.05),
             "grad_norm": abs(rng.gauss(1.0, 0.3)), "loss": rng.gauss(0, 0.1), "truncated_frac": 0.05}
 
@@ -32,13 +30,10 @@ def _guard(**config):
 
 
 def test_degeneration_signal_separates_the_papers_symptom_from_ordinary_markdown():
-    ordinary = "## Assessment\nThe **troponin** is raised and the ECG shows *ST elevation* in II, III and aVF."
+    ordinary = "## Assessment\nThe **troponin** is raised and the ECG shows ST elevation in II, III and aVF: an inferior STEMI."
     collapsed = " ".join(f"**{w}**" for w in "the patient has an inferior myocardial infarction now".split())
-    assert emphasized_words(ordinary) == (1, 17) and not is_degenerate(ordinary)
-    assert emphasized_words(collapsed + ".") == (8, 8) and is_degenerate(collapsed)
-    assert not is_degenerate("**a** **b**")  # fewer than 3 wrapped words
-    assert is_degenerate("<think>**The** **word** **is** **apple**.</think> **Answer:** \\boxed{A}")  # tags split words
-    assert emphasis_fraction([ordinary, collapsed, collapsed, ""]) == 0.5
+    assert markup_density(ordinary) < 0.1 < 0.3 < markup_density(collapsed)
+    assert markup_density("") == 0.0 and markup_density("** **") == 1.0
 
 
 def test_quiet_on_a_healthy_run_with_noise_and_slow_drift():
@@ -54,11 +49,11 @@ def test_fires_within_patience_steps_of_an_emphasis_collapse():
         assert not guard.observe(_healthy(step, rng)).fire
     fired_at = None
     for step in range(40, 60):
-        verdict = guard.observe(dict(_healthy(step, rng), **{DEGENERATE_METRIC: 0.8}))
+        verdict = guard.observe(dict(_healthy(step, rng), **{DEGENERATE_METRIC: 0.35}))
         if verdict.fire:
             fired_at = step
             break
-    # The smoothed value crosses 0.25 above baseline after 2 collapsed steps of 5; then patience 3.
+    # The smoothed value crosses 0.08 above baseline after 2 collapsed steps of 5; then patience 3.
     assert fired_at is not None and fired_at - 40 <= 5, fired_at
     assert any(DEGENERATE_METRIC in reason for reason in verdict.reasons)
 
