@@ -376,6 +376,38 @@ def _checkpoint_hf_folder_without_tokenizer(tmp, base):
     return to_hf_command(tmp, ckpt)
 
 
+# ---- step checkpoints (training/checkpoint.py) -------------------------------------------
+
+
+def _damaged_step(tmp: Path, *, trainer_state: bytes = b'{"step": 2, "world_si', manifest: dict | None = None) -> Path:
+    """checkpoint.dir with one step folder whose trainer state or manifest is damaged."""
+    step = tmp / "ckpt" / "step_000002"
+    _write_bytes(step / "trainer_state.json", trainer_state)
+    _write_bytes(step / "manifest.json", json.dumps(manifest or {"format_version": 2, "files": {}}).encode())
+    return step
+
+
+def _step_trainer_state_garbage(tmp, base):
+    return to_hf_command(tmp, _damaged_step(tmp))
+
+
+def _step_file_truncated(tmp, base):
+    step = _damaged_step(tmp, trainer_state=json.dumps({"step": 2, "world_size": 1}).encode(),
+                         manifest={"format_version": 2, "files": {"__0_0.distcp": 4096, "trainer_state.json": 34}})
+    _write_bytes(step / "__0_0.distcp", b"cut")
+    return to_hf_command(tmp, step)
+
+
+def _root_without_complete_step(tmp, base):
+    _damaged_step(tmp)
+    return to_hf_command(tmp, tmp / "ckpt")
+
+
+def _resume_with_only_a_damaged_checkpoint(tmp, base):
+    _damaged_step(tmp)
+    return sft_command(tmp, base, f"checkpoint.dir={tmp}/ckpt", "train.max_steps=2", dry_run=False)
+
+
 CASES = [
     # data
     Case("sft-malformed-jsonl-lines", _sft_malformed_lines, ["2 of 8 rows are bad", "{tmp}/sft.jsonl line 3"]),
@@ -430,6 +462,14 @@ CASES = [
     Case("checkpoint-info-garbage", _checkpoint_info_garbage, ["{tmp}/ckpt/gazal_checkpoint.json: not valid JSON"]),
     Case("checkpoint-hf-without-tokenizer", _checkpoint_hf_folder_without_tokenizer,
          ["checkpoint hf/ folder", "{tmp}/ckpt/hf has no tokenizer files"]),
+    # step checkpoints (a damaged newest one next to a complete one falls back instead: tests/e2e/test_resume_damaged.py)
+    Case("step-trainer-state-garbage", _step_trainer_state_garbage,
+         ["{tmp}/ckpt/step_000002/trainer_state.json: not a trainer state"]),
+    Case("step-file-truncated", _step_file_truncated, ["{tmp}/ckpt/step_000002", "__0_0.distcp"]),
+    Case("checkpoint-root-without-complete-step", _root_without_complete_step,
+         ["{tmp}/ckpt: no complete step checkpoint"]),
+    Case("resume-with-only-a-damaged-checkpoint", _resume_with_only_a_damaged_checkpoint,
+         ["{tmp}/ckpt: no usable checkpoint to resume", "checkpoint.resume=false"]),
 ]
 
 
