@@ -84,6 +84,9 @@ class OptimConfig:
     """EXAdam's ln(sqrt(2)*sqrt(t+1)) step scaling from the paper's first version (off in the authors' later code)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    decay_dora_magnitude: bool = True
+    """Weight decay on DoRA's magnitude vectors, as the paper's HF Trainer applies it (it skips only biases
+    and norms); false: megatron's rule, no decay on any 1-D parameter."""
     cpu_offload_fraction: float = 0.0
     """Share of optimizer states and fp32 main params kept and updated on the host (megatron's
     HybridDeviceOptimizer; needs CUDA and the distributed optimizer); 0 keeps all on the GPU."""

@@ -51,7 +51,7 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
         use_precision_aware_optimizer=offload,
         overlap_cpu_optimizer_d2h_h2d=offload,
     )
-    megatron_optimizer = get_megatron_optimizer(config, model_chunks)
+    megatron_optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=_param_group_overrides(config, optim))
     if optim.name == "exadam":
         for wrapper in inner_optimizers(megatron_optimizer):
             if offload:
@@ -61,6 +61,25 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
         if offload:
             gc.collect()  # the replaced AdamW-based optimizers hold pinned host copies of every shard
     return megatron_optimizer
+
+
+def _param_group_overrides(config, optim: OptimConfig) -> dict:
+    """megatron's standard per-group rules, with its weight-decay skip narrowed when the recipe
+    decays DoRA magnitudes: megatron skips every 1-D parameter, HF's Trainer (the paper's stack)
+    only biases and norms, so the magnitude vectors (1-D, trainable) are decayed there."""
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(config)
+    if not optim.decay_dora_magnitude:
+        return overrides
+    overrides = {key: value for key, value in overrides.items() if value.get("wd_mult") != 0.0}
+    skip = ParamWithNamePredicate(
+        name="1d_or_bias_except_dora_magnitude",
+        fn=lambda param, name: (len(param.shape) == 1 or name.endswith(".bias")) and ".magnitude." not in name)
+    overrides[ParamKey(with_name_predicate=skip)] = ParamGroupOverride(wd_mult=0.0)
+    return overrides
 
 
 def check_cpu_offload(optim: OptimConfig, *, distributed: bool) -> None:

@@ -134,8 +134,10 @@ def test_grpo_recipe_matches_the_papers_text(row):
     assert check(GRPO), what
 
 
-def test_sft_uses_the_b1_prompt():
+def test_sft_uses_the_b1_prompt_and_decays_as_the_papers_trainer():
     assert SFT.sft_data.system_prompt in (None, SFT_SYSTEM_PROMPT)
+    # HF's Trainer decays every parameter but biases and norms, DoRA's magnitude vectors included.
+    assert SFT.optim.decay_dora_magnitude
 
 
 @pytest.mark.skipif(PAPER is None or not PAPER.is_file(), reason="paper text not beside the checkout")
