@@ -79,3 +79,22 @@ def test_bad_settings_are_refused_by_key(kwargs, key):
         GuardConfig(**kwargs)
     with pytest.raises(ValueError, match="set min_change or ratio"):
         GuardRule(metric="entropy", bad="down")
+
+
+def test_a_guard_rebuilt_from_the_logged_rows_judges_like_the_live_one(tmp_path):
+    """Resume and rollback rebuild the guard by replaying metrics.jsonl: it must then decide
+    every later step exactly as the guard that lived through the run."""
+    from gazal_nemo.rl.guard import RollbackGuard
+
+    cfg = GuardConfig(window=5, patience=3)
+    rng = random.Random(2)
+    rows = [dict(_healthy(step, rng), step=step) for step in range(1, 61)]
+    for row in rows[45:]:
+        row[DEGENERATE_METRIC] = 0.4
+    live = RollbackGuard(cfg, cfg.rules, checkpoint_dir=tmp_path / "ckpt", events_dir=tmp_path / "logs")
+    live_fired = [live.observe(r["step"], r) for r in rows]
+    resumed = RollbackGuard(cfg, cfg.rules, checkpoint_dir=tmp_path / "ckpt", events_dir=tmp_path / "logs",
+                            saved_state={"guard": {"data_offset": 6, "rollbacks": 1, "lr_scale": 0.5}}, history=rows[:40])
+    assert (resumed.data_offset, resumed.rollbacks, resumed.lr_scale, resumed.data_step(10)) == (6, 1, 0.5, 16)
+    assert [resumed.observe(r["step"], r) for r in rows[40:]] == live_fired[40:]
+    assert any(live_fired[45:]) and not any(live_fired[:45])
