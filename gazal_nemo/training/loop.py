@@ -133,6 +133,7 @@ def _roll_back(guard, step: int, *, chunks, optimizer, scheduler, logger, after_
     state = ckpt.load_checkpoint(target, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler)
     to_step = int(state["step"])
     guard.rolled_back(step, to_step, scheduler)
+    logger.event(step, "guard/rollback_to_step", float(to_step))
     logger.rewind(to_step)
     if after_step is not None:
         after_step()  # adapter norms cached for the weights before the rollback

@@ -71,6 +71,12 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         print(self._progress_line(step, row), flush=True)
 
+    def event(self, step: int, name: str, value: float = 1.0) -> None:
+        """A marker in TensorBoard (e.g. guard/rollback at the step it fired)."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_scalar(name, value, step)
+            self.tb.flush()
+
     def rewind(self, step: int) -> None:
         """Move the rows after `step` to metrics_rolled_back.jsonl (a rollback replays those steps
         with other data; the old rows stay for the record and the guard's plot)."""
