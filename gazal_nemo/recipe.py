@@ -15,6 +15,7 @@ from typing import Literal
 
 from gazal_nemo.config_io import apply_overrides, from_dict, load_yaml
 from gazal_nemo.data.config import SFTDataConfig
+from gazal_nemo.eval.in_training import TrainingEvalConfig
 from gazal_nemo.parallel import check_layout as check_world_layout
 from gazal_nemo.peft.config import AdapterConfig
 from gazal_nemo.recipe_sections import (
@@ -102,6 +103,8 @@ class Recipe:
     """SFT data (stage sft)."""
     grpo: GRPOConfig | None = None
     """GRPO settings (stage grpo)."""
+    eval_during_training: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
+    """Held-out evaluation every N steps by the training model itself (eval/in_training.py); off by default."""
     export_dir: str | None = None
     """Where to write the HF export (PEFT adapter and merged model) at the end; None skips export."""
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from gazal_nemo.config_io import to_dict
+from gazal_nemo.eval.in_training import training_eval_hook
 from gazal_nemo.rl.stopping import completion_text, stop_token_ids
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger
@@ -291,6 +292,8 @@ def run_grpo(recipe, shape) -> dict:
         stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
         tokens_for_step=lambda mbs: sum(int(mb["input_ids"].numel()) for mb in mbs) * dp_size,
         after_step=after_step, extra_metrics=lambda: _global_means(step_metrics), guard=guard,
+        evaluate=training_eval_hook(recipe.eval_during_training, model=unwrap(tm.chunks[0]), tokenizer=tokenizer,
+                                    total_steps=total_steps),
     )
     logger.close()
     if recipe.export_dir and result.last_step == total_steps:

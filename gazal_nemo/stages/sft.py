@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gazal_nemo.config_io import to_dict
+from gazal_nemo.eval.in_training import training_eval_hook
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger, device_peak_tflops, train_flops_per_token
 from gazal_nemo.training.model_setup import adapter_norm_refresh, build_train_model, unwrap
@@ -119,6 +120,8 @@ def run_sft(recipe, shape) -> dict:
                                               hidden=shape.hidden_size, seq_length=train.seq_length,
                                               recompute=train.recompute == "full"),
         peak_tflops=device_peak_tflops(), after_step=after_step,
+        evaluate=training_eval_hook(recipe.eval_during_training, model=unwrap(tm.chunks[0]), tokenizer=tokenizer,
+                                    total_steps=total_steps),
     )
     logger.close()
     if recipe.export_dir and result.last_step == total_steps:

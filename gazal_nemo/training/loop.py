@@ -56,13 +56,15 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
                logger: MetricsLogger, recipe_dict: dict, start_step: int = 0, log_every: int = 1,
                tokens_for_step: Callable | None = None, flops_per_token: float | None = None,
                peak_tflops: float | None = None, after_step: Callable | None = None,
-               extra_metrics: Callable | None = None, stop_after: int | None = None, guard=None) -> LoopResult:
+               extra_metrics: Callable | None = None, stop_after: int | None = None, guard=None,
+               evaluate: Callable[[int], dict] | None = None) -> LoopResult:
     """Run steps start_step+1 .. total_steps (or stop_after steps, for tests of resume).
 
     A SIGUSR1/SIGTERM (training/preemption.py) ends the loop at the next step boundary,
     after a checkpoint of the last finished step; `LoopResult.stopped_by` says so.
     `guard` (rl/guard.py RollbackGuard, GRPO) judges each step; when it fires, the loop
     restores the last healthy checkpoint and goes on from there (see `_roll_back`).
+    `evaluate(step)` (eval/in_training.py) adds held-out metrics to a step's row when due.
     """
     configure_schedule_hooks(config, chunks, optimizer)
     history, last_saved, saved_step, stopped_by = [], None, None, None
@@ -101,6 +103,8 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
                 row["mfu"] = tokens * flops_per_token / train_time / (peak_tflops * 1e12 * dist.get_world_size())
         if extra_metrics is not None:
             row.update(extra_metrics())
+        if evaluate is not None:
+            row.update(evaluate(step))
         history.append(dict(row, step=step))
         if step % log_every == 0 or step == end:
             logger.log(step, row)
