@@ -11,7 +11,8 @@ saved with the checkpoint (recipe.json) is compared key by key with the new one:
     plumbing (grpo.rollout.engine, vllm memory share, weight-sync buckets), and the
     reshardable layout and communication overlap (parallel.tp/pp/cp/sequence_parallel,
     parallel.overlap_*; the world size is not in the recipe at all; a TP change the
-    checkpoint cannot follow is refused by the loader, training/checkpoint.py);
+    checkpoint cannot follow is refused by the loader, training/checkpoint.py), and what
+    only watches the run (eval_during_training, grpo.guard: tunable on a running job);
   * every other difference (model, data, optimizer, schedule, seeds, batch sizes, run
     length, adapter, GRPO settings, precision, parallel.distributed_optimizer) is refused,
     all differing keys listed with their old and new values;
@@ -28,6 +29,7 @@ NEUTRAL_KEYS = (
     "grpo.rollout.engine", "grpo.rollout.vllm_gpu_memory_utilization", "grpo.rollout.weight_sync_bucket_mb",
     "parallel.tp", "parallel.pp", "parallel.cp", "parallel.sequence_parallel",
     "parallel.overlap_grad_reduce", "parallel.overlap_param_gather",
+    "eval_during_training", "grpo.guard",
 )
 _MISSING = "<absent>"
 
