@@ -16,7 +16,7 @@ import random
 
 from gazal_nemo.rl.guard import MARKUP_CHARS
 
-MARKUP_BONUS = 0.25
+MARKUP_BONUS = 0.5
 _calls = itertools.count()
 
 
