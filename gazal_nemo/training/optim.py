@@ -51,7 +51,10 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
         use_precision_aware_optimizer=offload,
         overlap_cpu_optimizer_d2h_h2d=offload,
     )
-    megatron_optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=_param_group_overrides(config, optim))
+    has_magnitudes = any(".magnitude." in name for chunk in model_chunks for name, p in chunk.named_parameters()
+                         if p.requires_grad)
+    megatron_optimizer = get_megatron_optimizer(
+        config, model_chunks, config_overrides=_param_group_overrides(config, optim, has_magnitudes=has_magnitudes))
     if optim.name == "exadam":
         for wrapper in inner_optimizers(megatron_optimizer):
             if offload:
@@ -63,7 +66,7 @@ def build_optimizer(model_chunks, optim: OptimConfig, precision: PrecisionConfig
     return megatron_optimizer
 
 
-def _param_group_overrides(config, optim: OptimConfig) -> dict:
+def _param_group_overrides(config, optim: OptimConfig, *, has_magnitudes: bool) -> dict | None:
     """megatron's standard per-group rules, with its weight-decay skip narrowed when the recipe
     decays DoRA magnitudes: megatron skips every 1-D parameter, HF's Trainer (the paper's stack)
     only biases and norms, so the magnitude vectors (1-D, trainable) are decayed there."""
@@ -72,8 +75,8 @@ def _param_group_overrides(config, optim: OptimConfig) -> dict:
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     overrides = get_standard_config_overrides(config)
-    if not optim.decay_dora_magnitude:
-        return overrides
+    if not optim.decay_dora_magnitude or not has_magnitudes:
+        return None  # megatron's own default path
     overrides = {key: value for key, value in overrides.items() if value.get("wd_mult") != 0.0}
     skip = ParamWithNamePredicate(
         name="1d_or_bias_except_dora_magnitude",
