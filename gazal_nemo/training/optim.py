@@ -82,6 +82,10 @@ def _param_group_overrides(config, optim: OptimConfig, *, has_magnitudes: bool) 
         name="1d_or_bias_except_dora_magnitude",
         fn=lambda param, name: (len(param.shape) == 1 or name.endswith(".bias")) and ".magnitude." not in name)
     overrides[ParamKey(with_name_predicate=skip)] = ParamGroupOverride(wd_mult=0.0)
+    # An explicit override puts the (fp32) magnitudes in a group of their own: megatron's
+    # distributed optimizer maps main params wrongly in a group that mixes fp32 with 16-bit params.
+    magnitude = ParamWithNamePredicate(name="dora_magnitude", fn=lambda param, name: ".magnitude." in name)
+    overrides[ParamKey(with_name_predicate=magnitude)] = ParamGroupOverride(wd_mult=1.0)
     return overrides
 
 

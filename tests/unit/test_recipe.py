@@ -76,8 +76,13 @@ def _cli(*args, env_extra=None):
                           cwd=ROOT, env=env, timeout=120)
 
 
-def test_cli_dry_run_validates_against_world_size(tiny_hf_dir):
-    ok = _cli("sft", "--recipe", "recipes/tiny_cpu_sft.yaml", f"model.hf_path={tiny_hf_dir}", "--dry-run")
+def test_cli_dry_run_validates_against_world_size(tiny_hf_dir, tmp_path):
+    from gazal_nemo.commands.demo_data import sft_rows
+    from gazal_nemo.testing.tiny import write_jsonl
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(4, seed=0))  # the dry run checks that data exists
+    ok = _cli("sft", "--recipe", "recipes/tiny_cpu_sft.yaml", f"model.hf_path={tiny_hf_dir}",
+              f"sft_data.sources.0.path={data}", "--dry-run")
     assert ok.returncode == 0, ok.stderr
     assert "valid for world size 1" in ok.stdout and "name: tiny_cpu_sft" in ok.stdout
     bad = _cli("sft", "--recipe", "recipes/tiny_cpu_sft.yaml", f"model.hf_path={tiny_hf_dir}", "parallel.tp=2",
