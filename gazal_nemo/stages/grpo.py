@@ -279,7 +279,7 @@ def run_grpo(recipe, shape) -> dict:
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
                            enabled=dist.get_rank() == 0, resume_step=start_step)
-    guard = _build_guard(recipe, resumed, start_step, scheduler)
+    guard = _build_guard(recipe, resumed, start_step, scheduler, rewards)
     after_step = None
     if adapter_cfg is not None:
         after_step = adapter_norm_refresh(tm.chunks)
@@ -303,7 +303,7 @@ def run_grpo(recipe, shape) -> dict:
     return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by}
 
 
-def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler):
+def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler, rewards):
     """The collapse guard (grpo.guard) for this run, continuing a resumed run's state: its data
     offset and learning-rate scale from the checkpoint, its memory from the logged rows."""
     from gazal_nemo.rl.guard import RollbackGuard, apply_lr_scale, watched_rules
@@ -311,10 +311,7 @@ def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler):
     config = recipe.grpo.guard
     if not config.enabled:
         return None
-    rewards = recipe.grpo.rewards
-    weights = {"accuracy": rewards.accuracy_weight, "format": rewards.format_weight,
-               "cosine": rewards.cosine_weight, "repetition": rewards.repetition_weight,
-               "overlong": rewards.overlong_weight, **rewards.plugins}
+    weights = {reward.name: reward.weight for reward in rewards}  # what the recipe rewards
     history = [None]
     if dist.get_rank() == 0 and start_step:
         from gazal_nemo.training.metrics import read_metrics_jsonl

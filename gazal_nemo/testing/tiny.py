@@ -131,3 +131,14 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# Qwen3-32B's config.json (the fields the shape, the layout checks and the memory plan read):
+# a config-only folder made from it is enough for --dry-run and `gazal plan`.
+QWEN3_32B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+    "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}

@@ -37,16 +37,10 @@ from slurm_jobs import (
     submit,
 )
 
+from gazal_nemo.testing.tiny import QWEN3_32B_CONFIG
+
 pytestmark = pytest.mark.slurm
 
-# Qwen3-32B's config.json (the fields the shape and the layout checks read).
-QWEN3_32B_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-    "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
 
 _SLURM_SKIP_REASON = slurm_skip_reason()
 needs_slurm = pytest.mark.skipif(_SLURM_SKIP_REASON is not None, reason=str(_SLURM_SKIP_REASON))

@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from gazal_nemo.testing.multiproc import run_distributed
+from gazal_nemo.testing.tiny import QWEN3_32B_CONFIG
 
-# Qwen3-32B's config.json (as in tests/slurm/test_sbatch.py): all the plan needs.
-QWEN3_32B_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-    "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
 TINY_RECIPE = "recipes/tiny_cpu_sft.yaml"
 # megatron pads DDP buffers (param starts to 64 elements, the end to lcm(dp, 128)) and the
 # plan models that padding: weights, adapter and gradients come out exact. The optimizer
