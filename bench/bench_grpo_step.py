@@ -5,10 +5,16 @@ The GRPO issue's question: how long does one optimizer step of the paper's GRPO 
 group-normalise the rewards, one clipped policy-gradient update), and how fast is the
 generation inside it?
 
-  ours  MegatronRolloutEngine (megatron's static KV cache on the training model, our
-        sampling loop), then `build_microbatches` + `make_forward_step` (the GRPO stage's
-        own pieces) through `run_step`: megatron DDP, mixed-precision AdamW, bf16 params
-        with fp32 main weights.
+  ours       MegatronEngine (megatron's static KV cache on the training model, our
+             sampling loop), then `build_microbatches` + `make_forward_step` (the GRPO stage's
+             own pieces) through `run_step`: megatron DDP, mixed-precision AdamW, bf16 params
+             with fp32 main weights.
+  ours_vllm  the same trainer with the vLLM engine colocated in the process, as
+             grpo.rollout.engine=vllm runs it: each step pushes the trainer's weights into vLLM
+             (and gates them), vLLM generates, then the same training pass. The push is part of
+             the step's time. TRL's own vLLM colocate mode fails on CPU at its weight push
+             (vLLM's CPU backend repacks linear weights, so `load_weights` finds no parameter
+             to load into), so on CPU TRL is compared on transformers `generate`.
   trl   TRL's GRPOTrainer (HF `generate` with a KV cache; no vLLM) for max_steps=1.
 
 Same settings on both sides: the same prompt texts, tokenised by the same tokenizer;
@@ -57,7 +63,7 @@ from bench import common  # noqa: E402
 from bench.model_shapes import build_hf, build_ours, hf_config_dict, parse_shapes  # noqa: E402
 
 BENCH = "grpo_step"
-VARIANTS = ("trl", "ours")  # baseline first: no HF model may be built after init_parallel
+VARIANTS = ("trl", "ours", "ours_vllm")  # baseline first: no HF model may be built after init_parallel
 TEMPERATURE, TOP_K, TOP_P = 0.6, 20, 0.95
 EPS_LOW, EPS_HIGH, LR, GRAD_CLIP = 0.2, 0.28, 1e-6, 1.0
 WARMUP_PROMPTS, WARMUP_NEW_TOKENS = 4, 8
@@ -141,33 +147,54 @@ def _grpo_recipe(args):
     return SimpleNamespace(grpo=SimpleNamespace(sampling=sampling, loss=loss))
 
 
-def measure_ours(name: str, args, device: torch.device, prompt_texts: list[str], tokenizer) -> dict:
-    from gazal_nemo.rl.rollout import MegatronRolloutEngine
+def measure_ours(name: str, args, device: torch.device, prompt_texts: list[str], tokenizer,
+                 engine_name: str = "megatron") -> dict:
+    from gazal_nemo.inference.registry import PolicyContext, build_policy_engine
+    from gazal_nemo.recipe import RolloutConfig
     from gazal_nemo.stages.grpo import make_forward_step
 
     common.init_megatron(args.seed)
     trainer = build_ours(name, recompute=args.recompute, lr=LR, weight_decay=0.0, total_steps=args.steps + 1,
                          seed=args.seed)
     prompt_ids = [tokenizer(text)["input_ids"] for text in prompt_texts]
-    stop_ids = [tokenizer.eos_token_id]
     total = args.num_prompts * args.num_generations
-    engine = MegatronRolloutEngine(trainer.model, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                   max_batch_size=total)
-    forward_step = make_forward_step(_grpo_recipe(args))
-    try:
-        for _ in range(args.warmup):
-            _ours_warmup(trainer, engine, forward_step, prompt_ids, tokenizer, args)
-        steps = [_ours_step(trainer, engine, forward_step, prompt_ids, tokenizer, args, device, index)
-                 for index in range(args.steps)]
-    finally:
-        trainer.release()
+    with tempfile.TemporaryDirectory() as folder:
+        context = PolicyContext(
+            model=trainer.model, shape=trainer.shape, hf_dir=_config_folder(name, tokenizer, Path(folder)), tp=1, dp=1,
+            dtype="bf16", seed=args.seed, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens,
+            stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id, probe=prompt_ids[0][:64])
+        rollout = RolloutConfig(engine=engine_name)
+        rollout.megatron.max_batch_size = total
+        rollout.vllm.max_num_seqs = total
+        engine = build_policy_engine(engine_name, context, rollout)
+        forward_step = make_forward_step(_grpo_recipe(args))
+        try:
+            for _ in range(args.warmup):
+                engine.sync_weights(-2)
+                _ours_warmup(trainer, engine, forward_step, prompt_ids, tokenizer, args)
+            steps = [_ours_step(trainer, engine, forward_step, prompt_ids, tokenizer, args, device, index)
+                     for index in range(args.steps)]
+        finally:
+            engine.close()
+            trainer.release()
     return _fields(steps, args, device, first_step_only=False)
 
 
+def _config_folder(name: str, tokenizer, folder: Path) -> str:
+    """config.json of the shape + the bench tokenizer: what a dummy-loaded vLLM reads."""
+    import json
+
+    (folder / "config.json").write_text(json.dumps({**hf_config_dict(name), "torch_dtype": "bfloat16"}))
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def _ours_generate(engine, prompt_ids, tokenizer, args, *, num_generations, max_new_tokens, seed):
+    from gazal_nemo.inference.protocol import SamplingSettings
+
     repeated = [p for p in prompt_ids for _ in range(num_generations)]
-    completions = engine.generate(repeated, max_new_tokens=max_new_tokens, temperature=TEMPERATURE, top_k=TOP_K,
-                                  top_p=TOP_P, seed=seed)
+    completions = engine.generate(repeated, SamplingSettings(max_new_tokens=max_new_tokens, temperature=TEMPERATURE,
+                                                             top_k=TOP_K, top_p=TOP_P, seed=seed))
     for c in completions:  # generate() saw each prompt repeated; point back at the prompt
         c.prompt_index //= num_generations
     return completions
@@ -207,9 +234,11 @@ def _ours_step(trainer, engine, forward_step, prompt_ids, tokenizer, args, devic
 
     common.synchronize(device)
     start = time.perf_counter()
+    push_s = common.timed(lambda: engine.sync_weights(index), device)[1]  # vLLM: push + gate; megatron: nothing
     completions, gen_s = common.timed(
         lambda: _ours_generate(engine, prompt_ids, tokenizer, args, num_generations=args.num_generations,
                                max_new_tokens=args.max_new_tokens, seed=args.seed + index), device)
+    engine.release_memory()
     microbatches = _ours_microbatches(completions, prompt_ids, tokenizer, args)
     metrics = run_step(chunks=[trainer.chunk], optimizer=trainer.optimizer, scheduler=trainer.scheduler,
                        forward_step=forward_step, microbatches=microbatches,
@@ -218,7 +247,8 @@ def _ours_step(trainer, engine, forward_step, prompt_ids, tokenizer, args, devic
     common.synchronize(device)
     step_s = time.perf_counter() - start
     loss_sum, count = metrics["loss"].tolist()
-    return {"step_time_s": step_s, "gen_time_s": gen_s, "gen_tokens": sum(len(c.tokens) for c in completions),
+    return {"step_time_s": step_s, "gen_time_s": gen_s, "push_time_s": push_s,
+            "gen_tokens": sum(len(c.tokens) for c in completions),
             "num_completions": len(completions), "grad_norm": metrics["grad_norm"],
             "loss": loss_sum / max(count, 1), "skipped": metrics["skipped"]}
 
@@ -366,7 +396,8 @@ def main(argv=None) -> list[dict]:
                 if variant == "trl":
                     fn = lambda n=name: measure_trl(n, args, device, prompt_texts, tokenizer, workdir)  # noqa: E731
                 else:
-                    fn = lambda n=name: measure_ours(n, args, device, prompt_texts, tokenizer)  # noqa: E731
+                    engine = "vllm" if variant == "ours_vllm" else "megatron"
+                    fn = lambda n=name, e=engine: measure_ours(n, args, device, prompt_texts, tokenizer, e)  # noqa: E731
                 jobs.append((identity, fn))
         records = common.run_variants(reporter, jobs, args=args, device=device)
     print(report(reporter, records, shapes, args))
@@ -379,23 +410,28 @@ def report(reporter, records: list[dict], shapes: list[str], args) -> str:
              r.get("grad_norm"), r.get("steady_step_time_median_s")] for r in records]
     comparisons = []
     for name in shapes:
-        ours, trl = common.find(records, variant="ours", shape=name), common.find(records, variant="trl", shape=name)
+        trl = common.find(records, variant="trl", shape=name)
         cfg = hf_config_dict(name)
         settings = (f"Qwen3-{name} shape ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}), random init, "
                     f"full-parameter GRPO, {args.num_prompts} prompts x {args.num_generations}, prompt ~"
                     f"{args.prompt_length} tok, max new {args.max_new_tokens}, T {TEMPERATURE} top-k {TOP_K} "
                     f"top-p {TOP_P}, mbs {args.micro_batch_size}, recompute {args.recompute}; first step after "
                     f"{args.warmup} light warm-up (TRL {args.trl_dtype} weights)")
-        comparisons.append(common.comparison_row(reporter.env, settings + " [generation tokens/s]", ours, trl,
-                                                 metric="gen_tokens_per_s", unit="tok/s"))
-        comparisons.append(common.comparison_row(reporter.env, settings + " [step time]", ours, trl,
-                                                 metric="step_time_s", unit="s", higher_is_better=False))
-        if reporter.env.get("device") == "cuda":
-            comparisons.append(common.comparison_row(reporter.env, settings + " [peak memory]", ours, trl,
-                                                     metric="peak_mem_gib", unit="GiB", higher_is_better=False))
+        for variant in ("ours", "ours_vllm"):
+            ours = common.find(records, variant=variant, shape=name)
+            if ours is None:
+                continue
+            label = f"{settings}, {variant} [%s]"
+            comparisons.append(common.comparison_row(reporter.env, label % "generation tokens/s", ours, trl,
+                                                     metric="gen_tokens_per_s", unit="tok/s"))
+            comparisons.append(common.comparison_row(reporter.env, label % "step time", ours, trl,
+                                                     metric="step_time_s", unit="s", higher_is_better=False))
+            if reporter.env.get("device") == "cuda":
+                comparisons.append(common.comparison_row(reporter.env, label % "peak memory", ours, trl,
+                                                         metric="peak_mem_gib", unit="GiB", higher_is_better=False))
     notes = [f"- {r['variant']} {r['shape']}: grad norm of the timed step is {r.get('grad_norm')} (not finite)"
              for r in records if r.get("status") == "ok" and not _finite(r.get("grad_norm"))]
-    text = ("## GRPO step: ours (megatron rollout + step) vs TRL GRPOTrainer\n\n"
+    text = ("## GRPO step: ours (megatron or vLLM rollout + step) vs TRL GRPOTrainer\n\n"
             + common.markdown_table(["variant", "shape", "status", "step s", "gen s", "gen tokens", "gen tok/s",
                                      "train s", "peak GiB", "grad norm", "steady step s (ours)"], rows)
             + "\n" + common.markdown_table(common.PERFORMANCE_HEADER, comparisons)

@@ -2,7 +2,8 @@
 
 Benchmarks build random-init models (no hub download): throughput and memory depend on
 the shape, not on the weights. The three real shapes copy the published Qwen3
-config.json values; "tiny" is the CPU smoke-test shape (the test fixture's geometry: GQA
+config.json values; "tiny" is the CPU smoke-test shape (the test fixture's geometry with head_dim 32,
+the smallest vLLM's CPU kernels take: GQA
 4 heads / 2 groups, qk-norm, the vocabulary of the tiny tokenizer).
 
 Both sides of every comparison are built here so their settings sit side by side:
@@ -38,8 +39,14 @@ _QWEN3_COMMON = dict(
 SHAPES: dict[str, dict] = {
     "tiny": dict(
         _QWEN3_COMMON, vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
+    ),
+    # Rollout benchmarks on CPU: large enough that compute shows, small enough for 2 cores
+    # (8 layers x hidden 1024, the real vocabulary); head_dim 64, which vLLM's CPU kernels take.
+    "8x1024": dict(
+        _QWEN3_COMMON, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False,
     ),
     # Qwen/Qwen3-0.6B config.json
     "0.6b": dict(

@@ -1,7 +1,7 @@
 """`gazal`: the command line. A recipe plus dotted `key=value` overrides, per stage.
 
     gazal sft  --recipe recipes/sft_qwen3_32b_dora.yaml train.max_steps=10
-    gazal grpo --recipe recipes/grpo_qwen3_32b.yaml parallel.tp=4 --dry-run
+    gazal grpo --recipe recipes/grpo_qwen3_32b.yaml parallel.tp=4 --dry-run train.max_steps=5
     gazal convert hf-to-megatron --hf-dir Qwen/Qwen3-32B --out ckpt/qwen3-32b
     gazal eval --model out/hf --benchmarks medqa,pubmedqa --data medqa_test.jsonl,ori_pqal.json
     gazal demo
@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           description=evaluate.__doc__))
     decontam.add_arguments(sub.add_parser("decontam", help="n-gram overlap of training files with benchmark questions",
                                           description=decontam.__doc__))
-    from gazal_nemo.commands import plan
+    from gazal_nemo.commands import plan, synth
 
+    synth.add_arguments(sub.add_parser("synth", help="generate the paper's structured clinical-reasoning SFT dataset",
+                                       description=synth.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     plan.add_arguments(sub.add_parser("plan", help="per-GPU memory plan of a recipe (exit 0 fits, 1 does not)",
                                       description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     demo.add_arguments(sub.add_parser("demo", help="tiny CPU run of the whole pipeline (no downloads)",
@@ -61,8 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with overrides allowed on both sides of an option (`a=1 --dry-run b=2`).
+
+    argparse fills a `nargs="*"` positional from one run of arguments only, so overrides after
+    an option come back as "unrecognized"; all but unknown options join the overrides (and get
+    their checks there: `nonsense` is refused as not key=value, wherever it stands)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = getattr(args, "overrides", None) is not None
+    unknown = [item for item in extra if not takes_overrides or item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command in STAGE_HELP:
             from gazal_nemo.commands.stage import run_stage
@@ -84,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from gazal_nemo.commands import plan
 
             return plan.run(args)
+        if args.command == "synth":
+            from gazal_nemo.commands import synth
+
+            return synth.run(args)
         from gazal_nemo.commands import demo
 
         return demo.run(args)
@@ -102,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gazal {args.command}: error: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        from gazal_nemo.inference.push_gate import WeightPushError
         from gazal_nemo.rl.guard import TrainingCollapsed
 
+        if isinstance(e, WeightPushError):  # the engine would sample from other weights than it trains
+            print(f"gazal {args.command}: error: {e}", file=sys.stderr)
+            return 4
         if not isinstance(e, TrainingCollapsed):
             raise
         print(f"gazal {args.command}: error: {e}", file=sys.stderr)  # the guard gave up: a run outcome, not a bug

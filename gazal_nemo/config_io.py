@@ -1,15 +1,23 @@
 """Typed recipes: YAML -> nested keyword-only dataclasses, plus dotted CLI overrides.
 
-Every key is checked against the schema: an unknown key, a wrong type or a value outside
-a Literal's choices raises ValueError naming the dotted key and what is allowed. Nothing
-is silently created. Overrides (`train.lr=1e-6 parallel.tp=2`) are parsed as YAML
-scalars and merged before validation, so they get exactly the same checks.
+Every key is checked against the schema: an unknown key, a wrong type, a number that is
+not finite or a value outside a Literal's choices raises ValueError naming the dotted key
+and what is allowed. Nothing is silently created, and nothing is silently dropped: a key
+or section written twice in a recipe is refused with both line numbers (YAML itself keeps
+the last one without a word). Overrides (`train.lr=1e-6 parallel.tp=2`) are parsed as
+YAML scalars and merged before validation, so they get exactly the same checks.
+
+Range and cross-key rules live in each section's `__post_init__` and name keys as the
+recipe writes them (`grpo.loss.eps_low`). A section that can sit at several places (a list
+element such as `sft_data.sources[0]`) declares its default place in `KEY_PREFIX`, and
+`from_dict` rewrites that prefix to the place it was actually read from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import types
 import typing
@@ -74,14 +82,17 @@ def _convert(value: Any, tp, key: str):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # .inf / .nan / "inf": no recipe number means "unbounded"
+            raise ValueError(f"{key}={value!r}; allowed: a finite number")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
@@ -106,6 +117,11 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default was left out
         raise ValueError(f"{prefix or cls.__name__}: {e}") from None
+    except ValueError as e:
+        default = getattr(cls, "KEY_PREFIX", None)
+        if default and prefix and prefix != default:  # a list element: name the element it is
+            raise ValueError(str(e).replace(f"{default}.", f"{prefix}.")) from None
+        raise
 
 
 def to_dict(obj) -> Any:
@@ -216,12 +232,53 @@ def load_yaml(path: str | Path) -> dict:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"recipe {path}: not UTF-8 text (byte {e.start})") from None
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        repeated = first_repeated_key(node) if node is not None else None
+        if repeated is not None:
+            key, first_line, second_line = repeated
+            raise ValueError(f"recipe {path}: {key} is given twice (line {first_line} and line {second_line}); "
+                             "YAML would keep only the second: write it once")
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise ValueError(f"recipe {path} is empty (no sections)")
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path}: top level must be a mapping of sections, got a {type(data).__name__}")
     return data
+
+
+def first_repeated_key(node: yaml.Node) -> tuple[str, int, int] | None:
+    """(dotted key, first line, second line) of the key a YAML mapping gives twice, lines from 1;
+    of several, the one whose repeat comes first in the file. None when every key is unique."""
+    found: list[tuple[int, str, int]] = []
+    seen_nodes: set[int] = set()  # an alias points at a node already walked
+
+    def walk(current: yaml.Node, path: str) -> None:
+        if id(current) in seen_nodes:
+            return
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    walk(value_node, path)
+                    continue
+                key, line = key_node.value, key_node.start_mark.line + 1
+                if key in lines:
+                    found.append((line, f"{path}{key}", lines[key]))
+                lines.setdefault(key, line)
+                walk(value_node, f"{path}{key}.")
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                walk(item, f"{path.rstrip('.')}[{index}].")
+
+    walk(node, "")
+    if not found:
+        return None
+    second_line, key, first_line = min(found)
+    return key, first_line, second_line

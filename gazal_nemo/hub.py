@@ -3,7 +3,11 @@ check that the folder holds what every stage, the evaluator and the converter re
 
 Without tokenizer files transformers quietly builds a one-token tokenizer, and without a
 chat template it fails deep inside the first `apply_chat_template` with a message that
-names neither the folder nor the file. `check_model_dir` refuses both up front.
+names neither the folder nor the file; a config whose vocab_size is smaller than the
+tokenizer ends in an IndexError inside the embedding. `check_model_dir` refuses all three
+up front. A path like `runs/sft-export` that does not exist is not sent to the hub as an
+id when `runs/` is a local folder, and a hub lookup that fails says which key, which path
+and why, not "Cannot find an appropriate cached snapshot folder".
 """
 
 from __future__ import annotations
@@ -29,11 +33,21 @@ def resolve_model_dir(path_or_id: str, *, config_only: bool = False, what: str =
     if local.exists() or local.is_symlink():
         raise ValueError(f"{what}={path_or_id!r}: not a folder (expected a Hugging Face model folder)")
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise FileNotFoundError(f"{what}={path_or_id!r}: not a folder and not a hub id like 'Qwen/Qwen3-32B'")
+        raise FileNotFoundError(f"{what}={path_or_id!r}: no such folder ({local.absolute()} does not exist), "
+                                "and not a hub id like 'Qwen/Qwen3-32B'")
+    owner = Path(path_or_id.split("/")[0]).expanduser()
+    if owner.is_dir():  # `runs/sft-export` next to a runs/ folder: a local path that is missing
+        raise FileNotFoundError(f"{what}={path_or_id!r}: no such folder: {local.absolute()} does not exist "
+                                f"(taken as a local path because {owner.absolute()} is a folder here)")
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json"] if config_only else _MODEL_FILES
-    model_dir = Path(snapshot_download(repo_id=path_or_id, allow_patterns=patterns))
+    try:
+        model_dir = Path(snapshot_download(repo_id=path_or_id, allow_patterns=patterns))
+    except Exception as e:  # offline, no such repo, gated, network: one line naming key and path
+        reason = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise FileNotFoundError(f"{what}={path_or_id!r}: no such local folder ({local.absolute()} does not exist), "
+                                f"and as a hub id it could not be fetched ({type(e).__name__}: {reason})") from None
     return check_model_dir(model_dir, what=what, config_only=config_only)
 
 
@@ -41,7 +55,7 @@ def check_model_dir(model_dir: str | Path, *, what: str = "model folder", config
     """`model_dir` if it has a readable config.json, tokenizer files and a chat template;
     otherwise ValueError naming the folder and what is missing (FileNotFoundError: no config.json)."""
     model_dir = Path(model_dir)
-    read_json_file(model_dir / "config.json", f"{what}: config")
+    config = read_json_file(model_dir / "config.json", f"{what}: config")
     if config_only:
         return model_dir
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -50,7 +64,35 @@ def check_model_dir(model_dir: str | Path, *, what: str = "model folder", config
     if not has_chat_template(model_dir):
         raise ValueError(f"{what}: the tokenizer in {model_dir} has no chat template (no chat_template in "
                          f"tokenizer_config.json, no {' or '.join(CHAT_TEMPLATE_FILES)}); copy it from the base model")
+    num_tokens = tokenizer_size(model_dir)
+    vocab_size = config.get("vocab_size")
+    if isinstance(vocab_size, int) and num_tokens is not None and num_tokens > vocab_size:
+        raise ValueError(f"{what}: {model_dir}/config.json has vocab_size={vocab_size}, smaller than its tokenizer "
+                         f"({num_tokens} tokens): ids >= {vocab_size} have no embedding row; use the tokenizer the "
+                         "model was trained with, or a model whose vocab_size covers it")
     return model_dir
+
+
+def tokenizer_size(model_dir: Path) -> int | None:
+    """1 + the largest token id the folder's tokenizer can produce (read from tokenizer.json or
+    vocab.json plus the added tokens); None when there is no file we can read that from."""
+    ids: list[int] = []
+    if (model_dir / "tokenizer.json").is_file():
+        data = read_json_file(model_dir / "tokenizer.json", "tokenizer")
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids += [i for i in vocab.values() if isinstance(i, int)]
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+            ids.append(len(vocab) - 1)
+        ids += [t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    elif (model_dir / "vocab.json").is_file():
+        ids += [i for i in read_json_file(model_dir / "vocab.json", "tokenizer vocab").values() if isinstance(i, int)]
+    else:
+        return None
+    if (model_dir / "tokenizer_config.json").is_file():
+        added = read_json_file(model_dir / "tokenizer_config.json", "tokenizer config").get("added_tokens_decoder")
+        ids += [int(i) for i in (added or {}) if str(i).isdigit()]
+    return max(ids) + 1 if ids else None
 
 
 def has_chat_template(model_dir: Path) -> bool:

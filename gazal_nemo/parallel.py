@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ def launch_env() -> LaunchEnv:
         return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
                          local_rank=int(env.get("SLURM_LOCALID", 0)))
     return LaunchEnv(rank=0, world_size=1, local_rank=0)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_layout(world_size: int, *, tp: int, pp: int, cp: int = 1) -> int:
@@ -67,8 +75,6 @@ def init_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 0, timeo
         picked_before = os.environ.get("MASTER_PORT") == os.environ.get(_PICKED_PORT_VAR)
         if env.world_size == 1 and ("MASTER_PORT" not in os.environ or picked_before):
             # A lone process needs no agreed port: a fresh free one keeps concurrent jobs apart.
-            from gazal_nemo.testing.multiproc import free_port
-
             os.environ["MASTER_PORT"] = os.environ[_PICKED_PORT_VAR] = str(free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(

@@ -1,12 +1,31 @@
 """Recipe sections owned by the trainer core: model, parallelism, precision, optimiser,
 schedule, checkpoints, logging. Defaults are the paper's SFT values (Appendix A.1)
 where the paper gives one; GRPO recipes override them.
+
+Every number has a range checked here (config_io already refuses .inf and .nan), and a
+length of zero or less is refused unless its docstring gives it a meaning (save_every=0:
+only at the end; keep_last=0: keep all): a run that trains nothing must not end with exit 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+
+def _at_least(key: str, value, minimum, *, allow_none: bool = False) -> None:
+    """ValueError naming `key` unless value >= minimum (or None, when allowed)."""
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum:
+        none = "null or " if allow_none else ""
+        kind = "integers" if isinstance(minimum, int) else "numbers"
+        raise ValueError(f"{key}={value!r}; allowed: {none}{kind} >= {minimum}")
+
+
+def _within(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{key}={value!r}; allowed: {low} <= x {'<' if high_open else '<='} {high}")
 
 
 @dataclass(kw_only=True)
@@ -94,10 +113,16 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr}; allowed: > 0")
-        if not 0 <= self.cpu_offload_fraction <= 1:
-            raise ValueError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction}; allowed: 0 <= x <= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optim.warmup_ratio={self.warmup_ratio}; allowed: 0 <= x < 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr}; allowed: 0 <= x <= optim.lr ({self.lr})")
+        _within("optim.cpu_offload_fraction", self.cpu_offload_fraction, 0, 1)
+        _within("optim.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _within("optim.beta1", self.beta1, 0, 1, high_open=True)
+        _within("optim.beta2", self.beta2, 0, 1, high_open=True)
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps}; allowed: > 0")
+        _at_least("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(kw_only=True)
@@ -122,8 +147,13 @@ class TrainConfig:
     """Activation recompute (paper: gradient checkpointing on)."""
 
     def __post_init__(self):
-        if self.micro_batch_size < 1 or self.global_batch_size < 1:
-            raise ValueError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        _at_least("train.seed", self.seed, 0)
+        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        _at_least("train.global_batch_size", self.global_batch_size, 1)
+        _at_least("train.seq_length", self.seq_length, 2)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.max_steps", self.max_steps, 1, allow_none=True)
+        _at_least("train.stop_at_step", self.stop_at_step, 1, allow_none=True)
 
 
 @dataclass(kw_only=True)
@@ -135,11 +165,17 @@ class CheckpointConfig:
     save_every: int = 100
     """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
     keep_last: int = 3
-    """Keep the newest K step checkpoints."""
+    """Keep the newest K step checkpoints; 0 keeps all."""
     resume: bool = True
     """Continue from the newest complete checkpoint in dir if there is one."""
     allow_changes: tuple[str, ...] = ()
-    """Dotted recipe keys or prefixes that may differ from the checkpoint's recipe on resume, e.g. [optim.lr] (docs/CHECKPOINTS.md)."""
+    """Dotted recipe keys or prefixes that may differ from the checkpoint's recipe on resume, e.g. [optim.lr], and input files or folders whose contents may differ from the checkpoint's fingerprints, e.g. [/data/sft.jsonl] (docs/CHECKPOINTS.md)."""
+
+    def __post_init__(self):
+        _at_least("checkpoint.save_every", self.save_every, 0)
+        _at_least("checkpoint.keep_last", self.keep_last, 0)
+        if not self.dir:
+            raise ValueError("checkpoint.dir=''; allowed: a folder")
 
 
 @dataclass(kw_only=True)
@@ -152,3 +188,8 @@ class LoggingConfig:
     """Write TensorBoard events when the tensorboard package is installed."""
     log_every: int = 1
     """Log every N optimizer steps."""
+
+    def __post_init__(self):
+        _at_least("logging.log_every", self.log_every, 1)
+        if not self.dir:
+            raise ValueError("logging.dir=''; allowed: a folder")

@@ -1,12 +1,14 @@
 """Plot a GRPO run's guard events: metrics over steps, the rolled-back stretch, the rollback.
 
     python scripts/plot_guard_run.py RUN_LOG_DIR OUT.svg [--metrics reward/accuracy,degenerate/markup_density]
+                                     [--window FIRST,LAST]
 
 Reads metrics.jsonl (the run as it stands, one row per step), metrics_rolled_back.jsonl (the
 steps a rollback undid) and guard_events.jsonl from a run's logging.dir, and writes an SVG
 (no plotting library needed): one panel per metric, the kept run as a solid line, the
 rolled-back steps dashed, each rollback a vertical marker from the step it fired at to the
-step it restored.
+step it restored; `--window` shades the steps an induced collapse was paid for, up to the
+first rollback (the window counts wall-clock steps; bench/bench_guard.py draws its plots with it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,22 @@ def _polyline(points, scale_x, scale_y, colour, dashed=False) -> str:
     return f'<polyline fill="none" stroke="{colour}" stroke-width="1.8"{dash} points="{coords}"/>'
 
 
-def _panel(index, metric, kept, undone, events, steps, colour) -> list[str]:
+def _undone_stretches(undone: list[dict], events: list[dict]) -> list[list[dict]]:
+    """The undone rows of each rollback: metrics_rolled_back.jsonl holds them in the order the
+    rollbacks happened, each stretch counting up from the step after the one restored (two
+    rollbacks over the same steps are two stretches, never one zigzag line)."""
+    stretches, previous = [], None
+    for row in undone:
+        if previous is None or row["step"] <= previous:
+            stretches.append([])
+        stretches[-1].append(row)
+        previous = row["step"]
+    if len(stretches) == len(events):
+        return stretches
+    return [[r for r in undone if e["to_step"] < r["step"] <= e["from_step"]] for e in events]
+
+
+def _panel(index, metric, kept, undone, events, steps, colour, window=None) -> list[str]:
     top = MARGIN + index * (PANEL_HEIGHT + MARGIN)
     values = [r[metric] for r in kept + undone if metric in r]
     low, high = min(values), max(values)
@@ -49,10 +66,16 @@ def _panel(index, metric, kept, undone, events, steps, colour) -> list[str]:
            f'<text x="{MARGIN}" y="{top - 8}" font-size="13">{metric}</text>',
            f'<text x="{MARGIN - 6}" y="{top + 10}" font-size="10" text-anchor="end">{high:.3g}</text>',
            f'<text x="{MARGIN - 6}" y="{top + PANEL_HEIGHT}" font-size="10" text-anchor="end">{low:.3g}</text>']
+    if window is not None:  # wall-clock steps: they are logged steps only until the first rollback
+        end = min(window[1], last, *(e["from_step"] for e in events[:1]))
+        left, right = scale_x(max(window[0], first)), scale_x(end)
+        out.append(f'<rect x="{left:.1f}" y="{top}" width="{max(right - left, 1):.1f}" height="{PANEL_HEIGHT}" '
+                   'fill="#f4c7c3" fill-opacity="0.45"/>')
     out.append(_polyline([(r["step"], r[metric]) for r in kept if metric in r], scale_x, scale_y, colour))
-    for event in events:  # the steps this rollback undid, from the step it went back to
+    stretches = _undone_stretches(undone, events)
+    for event, stretch in zip(events, stretches):  # the steps this rollback undid, from the step it went back to
         start = [r for r in kept if r["step"] == event["to_step"] and metric in r]
-        stretch = [r for r in undone if event["to_step"] < r["step"] <= event["from_step"] and metric in r]
+        stretch = [r for r in stretch if metric in r]
         out.append(_polyline([(r["step"], r[metric]) for r in start + stretch], scale_x, scale_y, colour, dashed=True))
         for step, label in ((event["from_step"], f"rollback at {event['from_step']}"), (event["to_step"], None)):
             out.append(f'<line x1="{scale_x(step):.1f}" y1="{top}" x2="{scale_x(step):.1f}" y2="{top + PANEL_HEIGHT}" '
@@ -65,7 +88,7 @@ def _panel(index, metric, kept, undone, events, steps, colour) -> list[str]:
     return out
 
 
-def render(log_dir: Path, metrics: list[str]) -> str:
+def render(log_dir: Path, metrics: list[str], window: tuple[int, int] | None = None) -> str:
     kept, undone = _rows(log_dir / "metrics.jsonl"), _rows(log_dir / "metrics_rolled_back.jsonl")
     events = _rows(log_dir / "guard_events.jsonl")
     if not kept:
@@ -77,9 +100,10 @@ def render(log_dir: Path, metrics: list[str]) -> str:
     for i, metric in enumerate(metrics):
         if not any(metric in r for r in kept):
             raise ValueError(f"{log_dir / 'metrics.jsonl'}: no metric {metric!r}")
-        parts += _panel(i, metric, kept, undone, events, steps, COLOURS[i % len(COLOURS)])
+        parts += _panel(i, metric, kept, undone, events, steps, COLOURS[i % len(COLOURS)], window)
+    shaded = "; shaded: steps an induced collapse paid for, up to the first rollback" if window is not None else ""
     parts.append(f'<text x="{WIDTH - MARGIN}" y="{height - 12}" font-size="10" text-anchor="end">solid: the run as kept; '
-                 'dashed: steps undone by a rollback</text></svg>')
+                 f'dashed: steps undone by a rollback{shaded}</text></svg>')
     return "\n".join(parts) + "\n"
 
 
@@ -89,9 +113,17 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="SVG file to write")
     parser.add_argument("--metrics", default="reward/accuracy,degenerate/markup_density,truncated_frac",
                         help="comma-separated metrics, one panel each")
+    parser.add_argument("--window", default=None, help="FIRST,LAST: shade the steps an induced collapse was paid for")
     args = parser.parse_args(argv)
     try:
-        svg = render(args.log_dir, [m for m in args.metrics.split(",") if m])
+        window = None
+        if args.window:
+            try:
+                first, last = (int(x) for x in args.window.split(","))
+            except ValueError:
+                raise ValueError(f"--window {args.window!r}: expected FIRST,LAST (two step numbers)") from None
+            window = (first, last)
+        svg = render(args.log_dir, [m for m in args.metrics.split(",") if m], window)
     except (ValueError, OSError) as e:
         print(f"plot_guard_run: error: {e}", file=sys.stderr)
         return 2

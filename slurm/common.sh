@@ -89,6 +89,12 @@ _export_runtime_env() {
     local node_cache="${GAZAL_NODE_CACHE:-${TMPDIR:-/tmp}/gazal-cache-$(id -un)}"
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$node_cache/triton}
     export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$node_cache/inductor}
+    # vLLM (GRPO's rollout engine, `gazal eval --engine vllm`) compiles its model and CUDA
+    # graphs into ~/.cache/vllm by default: node-local too, for the same reason.
+    export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$node_cache/vllm}
+    # vLLM reports usage statistics over the network at start-up; compute nodes usually have no
+    # internet, and every rank would wait for the attempt to time out.
+    export VLLM_NO_USAGE_STATS=${VLLM_NO_USAGE_STATS:-1}
     # A failed or timed-out collective aborts the process instead of leaving the other
     # ranks blocked until the job's time limit (explicit: torch's default changed over versions).
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
@@ -325,14 +331,29 @@ _run_step() {
     rm -f "$GAZAL_RANK0_PIDFILE"
 }
 
+# Whether the newest checkpoint ended the job at train.stop_at_step (its trainer_state.json
+# says so, written by gazal_nemo/training/checkpoint.py): the ranks exit 75 there too (the run
+# is not finished, no export yet), but a requeue would stop at the same step again.
+_stopped_at_stop_at_step() {
+    local newest
+    newest=$(_newest_checkpoint)
+    [[ -n "$newest" ]] && grep -q '"stop_reason": "train.stop_at_step"' "$newest/trainer_state.json" 2>/dev/null
+}
+
 # After srun: requeue when the ranks stopped with a new checkpoint (and the job is not
 # ending anyway), else end with srun's status. No new checkpoint means the stop came before
-# this run finished a step: a requeue would stop the same way again, forever.
+# this run finished a step: a requeue would stop the same way again, forever. A stop at
+# train.stop_at_step is not requeued either: the job ends with 75, so an afterok dependency
+# does not start on the missing export, and the run goes on when resubmitted without it.
 _finish() {
     if [[ $SRUN_EXIT == "$GAZAL_REQUEUE_EXIT_CODE" && $GOT_TERM == 0 && "$(_newest_checkpoint)" == "$CHECKPOINT_BEFORE" ]]; then
         _say "ranks stopped before this run finished a step (no new checkpoint): not requeued, it would" \
              "stop the same way again. Give the job more --time or a shorter --signal lead, and resubmit" \
              "with OUTPUT_DIR=$OUTPUT_DIR"
+    elif [[ $SRUN_EXIT == "$GAZAL_REQUEUE_EXIT_CODE" ]] && _stopped_at_stop_at_step; then
+        _say "ranks stopped at train.stop_at_step with a checkpoint (exit $SRUN_EXIT): not requeued (it would" \
+             "stop there again); resubmit with OUTPUT_DIR=$OUTPUT_DIR and a later train.stop_at_step, or none," \
+             "to go on"
     elif [[ $SRUN_EXIT == "$GAZAL_REQUEUE_EXIT_CODE" && $GOT_TERM == 0 ]]; then
         _say "ranks stopped with a checkpoint (exit $SRUN_EXIT): requeueing job $SLURM_JOB_ID;" \
              "it resumes in $OUTPUT_DIR"

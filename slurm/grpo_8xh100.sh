@@ -7,6 +7,11 @@
 #   DRY_RUN=1 bash slurm/grpo_8xh100.sh               # print the srun line, validate the recipe; no GPU
 #   sbatch slurm/grpo_8xh100.sh train.max_steps=20   # arguments are recipe overrides
 #
+# The recipe generates with vLLM colocated in the 8 ranks (grpo.rollout.engine=vllm): the
+# environment (VENV or CONTAINER_IMAGE) needs `pip install -e ".[te,vllm]"`; DRY_RUN=1 and the
+# job's own start-up refuse one without it, naming the extra. vLLM runs inside the training
+# processes (its external launcher on the job's process group), so no extra ranks or ports.
+#
 # See slurm/README.md for the configuration variables and the CPU test path.
 #SBATCH --job-name=gazal-grpo
 #SBATCH --nodes=1
@@ -17,10 +22,11 @@
 #SBATCH --mem=0
 #SBATCH --time=48:00:00
 # 40 min before the time limit USR1 reaches this shell, which stops the ranks after their
-# step, with a checkpoint, and requeues the job. 2400 s covers one step in flight (the
-# rollout alone is 8 chunks x up to 4096 decode steps: ~20 min at ~40 ms per TP=8 decode
-# step; the training pass ~2 min), the full-parameter checkpoint (32.8B x 14 bytes = 460
-# GB: ~8 min at 1 GB/s) and Slurm's up to 60 s early signal. An estimate, not a
+# step, with a checkpoint, and requeues the job. 2400 s covers one step in flight (with the
+# vLLM engine a rollout is ~1-2 waves of up to 4096 decode steps, a few minutes; the
+# megatron engine's 8 chunks of 16 could take ~20 min; the training pass ~2 min), the
+# full-parameter checkpoint (32.8B x 14 bytes = 460 GB: ~8 min at 1 GB/s) and Slurm's up to
+# 60 s early signal. An estimate, not a
 # measurement: change it per job with `sbatch --signal=B:USR1@SECONDS` or
 # SBATCH_SIGNAL=B:USR1@SECONDS in sbatch's environment (both override this line).
 #SBATCH --signal=B:USR1@2400

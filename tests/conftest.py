@@ -25,3 +25,11 @@ def tiny_hf_dir_tied(tmp_path_factory):
 
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3_tied"), seed=1,
                            tie_word_embeddings=True, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_dir(tmp_path_factory):
+    """The tiny Qwen3 with head_dim 32: the smallest head vLLM's CPU attention kernels take."""
+    from gazal_nemo.testing.tiny import make_tiny_qwen3
+
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3_vllm"), seed=0, head_dim=32)

@@ -4,7 +4,9 @@
     gazal convert megatron-to-hf --ckpt-dir runs/sft/final --out out/gazal-r1-hf
 
 Both directions stream tensor by tensor, check every input before writing, and publish the
-output folder only when it is complete. `python -m converters.hf_to_megatron` and
+output folder only when it is complete. `--out` may not be, contain or lie inside an input;
+`--overwrite` replaces only a folder that a gazal conversion or export wrote (its
+gazal_export.json or gazal_checkpoint.json marker), `--force` any folder. `python -m converters.hf_to_megatron` and
 `python -m converters.megatron_to_hf` take the same flags.
 """
 
@@ -47,10 +49,17 @@ def positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _add_overwrite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if an earlier gazal conversion or export wrote it (only once complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out whatever it holds (implies --overwrite)")
+
+
 def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-dir", required=True, help="Hugging Face Qwen3 folder, or a hub id like Qwen/Qwen3-32B")
     parser.add_argument("--out", required=True, help="checkpoint folder to create (megatron dist checkpoint + hf/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+    _add_overwrite_arguments(parser)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="stored dtype (default: the source's)")
     parser.add_argument("--tp", type=positive_int("--tp"), default=1,
                         help="check now that the model splits at this tensor parallelism")
@@ -64,11 +73,14 @@ def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder (from hf-to-megatron or training), a training step checkpoint, "
                              "or a folder of step checkpoints (its newest complete one)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+    _add_overwrite_arguments(parser)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="exported dtype (default: stored)")
     parser.add_argument("--hf-meta-dir", default=None,
                         help="config/tokenizer folder for a checkpoint without hf/ (default: <ckpt-dir>/hf)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (5GB)")
+    parser.add_argument("--allow-changes", default="", metavar="PATH[,PATH]",
+                        help="base-model files (or recipe keys like model.hf_path) of an adapter step checkpoint that "
+                             "may differ from what training recorded (by default a changed base is refused)")
     parser.add_argument("--ignore-extra-keys", action="store_true",
                         help="export the base weights even if the checkpoint holds other tensors (optimizer, adapters)")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
@@ -92,7 +104,7 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
     from gazal_nemo.hub import resolve_model_dir
 
     hf_dir = resolve_model_dir(args.hf_dir, what="--hf-dir")
-    out = convert_hf_to_megatron(hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
+    out = convert_hf_to_megatron(hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, force=args.force,
                                  tp=args.tp, pp=args.pp, progress=_progress(args))
     print(f"wrote megatron checkpoint {out}")
     return 0
@@ -104,12 +116,16 @@ def run_megatron_to_hf(args: argparse.Namespace) -> int:
 
     step_dir = step_checkpoint_dir(args.ckpt_dir)  # a training step checkpoint, or a root of them
     if step_dir is not None:
-        out = export_step_checkpoint(step_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        from gazal_nemo.convert.dist_ckpt import check_out_apart
+
+        check_out_apart(args.out, {"--ckpt-dir": args.ckpt_dir})  # the root as given, not only its step
+        out = export_step_checkpoint(step_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, force=args.force,
+                                     allow_changes=tuple(filter(None, args.allow_changes.split(","))))
         print(f"wrote Hugging Face checkpoint {out} from step checkpoint {step_dir}")
         return 0
     out = convert_megatron_to_hf(args.ckpt_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                  hf_meta_dir=args.hf_meta_dir, max_shard_bytes=args.max_shard_size,
-                                 ignore_extra_keys=args.ignore_extra_keys, progress=_progress(args))
+                                 ignore_extra_keys=args.ignore_extra_keys, progress=_progress(args), force=args.force)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
 

@@ -25,7 +25,8 @@ def _stage(stage: str, recipe: Path, overrides: list[str]) -> None:
     from gazal_nemo.commands.stage import run_stage
 
     print(f"\n== gazal {stage} --recipe {recipe.relative_to(RECIPES.parent)} {' '.join(overrides)}", flush=True)
-    run_stage(stage, str(recipe), overrides, dry_run=False)
+    if run_stage(stage, str(recipe), overrides, dry_run=False) != 0:  # e.g. 75: stopped by Ctrl-C, no export
+        raise ValueError(f"gazal {stage} ended before its last step; the demo stops here")
 
 
 def _first_last(path: Path, key: str) -> tuple[float, float]:
@@ -36,13 +37,13 @@ def _first_last(path: Path, key: str) -> tuple[float, float]:
 def run(args) -> int:
     from gazal_nemo.commands.demo_data import write_demo_benchmark, write_demo_data
     from gazal_nemo.convert.hf_to_megatron import convert_hf_to_megatron
-    from gazal_nemo.testing.tiny import make_tiny_qwen3
+    from gazal_nemo.models.tiny import make_tiny_qwen3
 
     work = Path(args.workdir)
     if work.exists() and not args.keep:
         shutil.rmtree(work)
     t0 = time.time()
-    base = make_tiny_qwen3(work / "base", seed=0)
+    base = make_tiny_qwen3(work / "base", seed=0, head_dim=32)  # 32: the smallest head vLLM's CPU kernels take
     print(f"== tiny Qwen3 written to {base}", flush=True)
     data = write_demo_data(work / "data", base)
     megatron_ckpt = work / "base_megatron"
@@ -78,13 +79,18 @@ def run(args) -> int:
 
 def _evaluate(model: Path, benchmark: Path, out: Path) -> dict:
     """`gazal eval` of one model on the demo benchmark (megatron engine, greedy); its results row."""
-    from gazal_nemo.cli import main
+    import argparse
+
+    from gazal_nemo.commands import evaluate
     from gazal_nemo.commands.demo_data import TINY_SYSTEM_PROMPT
 
     print(f"\n== gazal eval --model {model} --benchmarks medqa --data {benchmark}", flush=True)
-    code = main(["eval", "--model", str(model), "--benchmarks", "medqa", "--data", str(benchmark),
-                 "--system-prompt", TINY_SYSTEM_PROMPT, "--max-new-tokens", "40", "--batch-size", "64",
-                 "--permutations", "2", "--out", str(out), "--overwrite"])
+    parser = argparse.ArgumentParser(prog="gazal eval")
+    evaluate.add_arguments(parser)  # the command's own arguments and defaults, as `gazal eval` parses them
+    args = parser.parse_args(["--model", str(model), "--benchmarks", "medqa", "--data", str(benchmark),
+                              "--system-prompt", TINY_SYSTEM_PROMPT, "--max-new-tokens", "40", "--batch-size", "64",
+                              "--permutations", "2", "--out", str(out), "--overwrite"])
+    code = evaluate.run(args)
     if code != 0:
         raise ValueError(f"evaluation of {model} failed (exit {code})")
     return json.loads((out / "results.json").read_text())["results"]["medqa"]

@@ -17,8 +17,8 @@ import random
 import string
 from pathlib import Path
 
-from gazal_nemo.data.mcq import SYNTHETIC_WORDS
-from gazal_nemo.testing.tiny import write_jsonl
+from gazal_nemo.data.sources import write_jsonl
+from gazal_nemo.tasks.mcq import SYNTHETIC_WORDS
 
 TINY_SYSTEM_PROMPT = "Think in <think></think>, then answer with \\boxed{X}."
 

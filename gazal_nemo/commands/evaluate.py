@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from gazal_nemo.eval.engines import ENGINES
     from gazal_nemo.eval.loaders import MMLU_PRO_MEDICAL_CATEGORIES
+    from gazal_nemo.inference.registry import STANDALONE_ENGINE_NAMES
 
     parser.add_argument("--model", required=True,
                         help="HF folder or hub id, PEFT adapter folder, megatron checkpoint, or step checkpoint")
@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each benchmark")
     parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval); reruns resume it")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing evaluation in --out")
-    parser.add_argument("--engine", default="megatron", choices=ENGINES,
+    parser.add_argument("--engine", default="megatron", choices=STANDALONE_ENGINE_NAMES,
                         help="megatron (KV cache, TP; default), hf (transformers generate), vllm (if installed)")
     parser.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: number of processes)")
     decoding = parser.add_argument_group("decoding (default greedy, one answer per question)")
@@ -75,7 +75,7 @@ def _load_all(args, benchmarks: list[str], data: list[str], categories: list[str
 
 
 def _print0(text: str) -> None:
-    from gazal_nemo.eval.engines import is_rank0
+    from gazal_nemo.inference.source import is_rank0
 
     if is_rank0():
         print(text, flush=True)
@@ -115,7 +115,6 @@ def _check_args(args, benchmarks, data) -> None:
 
 
 def run(args) -> int:
-    from gazal_nemo.eval.engines import build_engine, check_layout, is_rank0, load_tokenizer, resolve_model
     from gazal_nemo.eval.prompting import build_prompts
     from gazal_nemo.eval.report import markdown_table, write_results
     from gazal_nemo.eval.run import (
@@ -126,8 +125,14 @@ def run(args) -> int:
         settings_fingerprint,
     )
     from gazal_nemo.eval.scoring import summarise
+    from gazal_nemo.inference.registry import (
+        StandaloneOptions,
+        build_standalone_engine,
+        check_standalone_layout,
+    )
+    from gazal_nemo.inference.source import is_rank0, load_tokenizer, resolve_model
+    from gazal_nemo.inference.stopping import stop_token_ids
     from gazal_nemo.parallel import launch_env
-    from gazal_nemo.rl.stopping import stop_token_ids
 
     benchmarks, data = split_list(args.benchmarks, "--benchmarks"), split_list(args.data, "--data")
     categories = split_list(args.mmlu_pro_categories, "--mmlu-pro-categories")
@@ -146,7 +151,7 @@ def run(args) -> int:
     if args.engine == "megatron" and not args.dry_run:
         _start_process_group(tp)
     source = resolve_model(args.model, base=args.base, work_dir=out_dir / "model", dry_run=args.dry_run)
-    plan = check_layout(source, engine=args.engine, tp=tp, world_size=launch_env().world_size)
+    plan = check_standalone_layout(source, engine=args.engine, tp=tp, world_size=launch_env().world_size)
     if args.dry_run:
         total = sum(len(q) for q in questions.values()) * args.permutations * args.num_samples
         _print0(f"eval dry run OK: {plan}; {total} answers to generate into {out_dir}")
@@ -156,8 +161,10 @@ def run(args) -> int:
     prompts = [p for name in benchmarks for p in build_prompts(
         name, questions[name], tokenizer, system_prompt=args.system_prompt, num_permutations=args.permutations,
         seed=args.seed)]
-    engine = build_engine(args.engine, source, tp=tp, work_dir=out_dir / "model", stop_ids=stop_ids,
-                          pad_id=tokenizer.pad_token_id, max_batch_size=args.batch_size)
+    engine = build_standalone_engine(args.engine, source, StandaloneOptions(
+        tp=tp, work_dir=out_dir / "model", stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
+        max_batch_size=args.batch_size, seed=args.seed,
+        max_model_len=max((len(p.prompt_ids) for p in prompts), default=0) + args.max_new_tokens))
     writer = is_rank0()
     if writer:
         prepare_out_dir(out_dir, settings, overwrite=args.overwrite)

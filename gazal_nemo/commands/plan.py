@@ -1,7 +1,9 @@
 """Per-GPU memory plan of a recipe, item by item, with a fits / does-not-fit verdict.
 
-Needs only the model's config.json (a hub id downloads nothing else). Exit status: 0 when
-the plan fits the GPU, 1 when it does not, 2 for a user error (bad key, file, world size).
+Needs only the model's config.json: a local folder's, the published one shipped with gazal
+for the Qwen3 family (Qwen/Qwen3-0.6B ... Qwen/Qwen3-32B: no download, works offline), else
+the hub id's config.json alone. Exit status: 0 when the plan fits the GPU, 1 when it does
+not, 2 for a user error (bad key, file, world size).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 EPILOG = ("Exit status: 0 = fits, 1 = does not fit, 2 = user error. Overrides: dotted recipe keys, e.g. "
-          "train.micro_batch_size=1 grpo.rollout.max_batch_size=16 optim.cpu_offload_fraction=1. "
+          "train.micro_batch_size=1 grpo.rollout.vllm.gpu_memory_utilization=0.2 optim.cpu_offload_fraction=1. "
           "Static items are exact; activations, logits and rollout buffers are modelled (docs/MEMORY.md).")
 
 
@@ -48,19 +50,26 @@ def job_world_size(args, recipe) -> int:
     return world
 
 
-def config_dir(hf_path: str):
-    """The folder holding config.json: a local folder as is (the plan needs no tokenizer or
-    weights, so a config-only copy is enough), else the hub id's config.json alone."""
+def model_shape(hf_path: str):
+    """The architecture of model.hf_path: a local folder's config.json (the plan needs no tokenizer
+    or weights, so a config-only copy is enough), the shipped published config of a Qwen3 hub id,
+    else the hub id's config.json alone."""
     from pathlib import Path
 
     from gazal_nemo.hub import resolve_model_dir
+    from gazal_nemo.models.qwen3 import Qwen3Shape
+    from gazal_nemo.models.qwen3_configs import published_config
 
     local = Path(hf_path).expanduser()
-    return local if local.is_dir() else resolve_model_dir(hf_path, config_only=True)
+    if not local.is_dir():
+        published = published_config(hf_path)
+        if published is not None:
+            return Qwen3Shape.from_hf_dict(published, source=f"model.hf_path={hf_path!r} (published config.json)")
+        local = resolve_model_dir(hf_path, config_only=True, what="model.hf_path")
+    return Qwen3Shape.from_pretrained(local)
 
 
 def run(args) -> int:
-    from gazal_nemo.models.qwen3 import Qwen3Shape
     from gazal_nemo.recipe import load_recipe
     from gazal_nemo.training.memory_plan import plan_memory
 
@@ -68,8 +77,12 @@ def run(args) -> int:
         raise ValueError(f"--gpu-memory={args.gpu_memory}; allowed: GiB > 0")
     recipe = load_recipe(args.recipe, args.overrides)
     world = job_world_size(args, recipe)
-    shape = Qwen3Shape.from_pretrained(config_dir(recipe.model.hf_path))
+    shape = model_shape(recipe.model.hf_path)
     use_te = {"auto": None, "on": True, "off": False}[args.te]
-    plan = plan_memory(recipe, shape, world_size=world, gpu_memory_gib=args.gpu_memory, use_te=use_te)
-    print(plan.format_table())
-    return 0 if plan.fits else 1
+    plans = [plan_memory(recipe, shape, world_size=world, gpu_memory_gib=args.gpu_memory, use_te=use_te)]
+    if recipe.stage == "grpo" and recipe.grpo.rollout.mode == "async":
+        from gazal_nemo.training.memory_plan import plan_generator_memory
+
+        plans.append(plan_generator_memory(recipe, shape, gpu_memory_gib=args.gpu_memory))
+    print("\n\n".join(plan.format_table() for plan in plans))
+    return 0 if all(plan.fits for plan in plans) else 1

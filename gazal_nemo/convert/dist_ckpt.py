@@ -21,19 +21,23 @@ import glob
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.ownership import owner_gone, this_process
+from gazal_nemo.ownership import process_start as _process_start  # noqa: F401 - tests read the marker's start
+
 CHECKPOINT_INFO = "gazal_checkpoint.json"
+EXPORT_MARKER = "gazal_export.json"  # in every HF / adapter folder a gazal conversion or export wrote
 STAGE_OWNER_FILE = ".gazal_stage_owner.json"  # inside a staging folder; removed before it is published
 _UNOWNED_STAGE_MAX_AGE_S = 3600  # staging folders without a marker (older code) are removed after this
 HF_SUBDIR = "hf"
@@ -63,15 +67,56 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless asked to (checked before any heavy work)."""
+def overlap(path: str | Path, other: str | Path) -> str | None:
+    """How `path` sits relative to `other` ("is", "contains", "lies inside"; None: apart), on the
+    real paths (symlinks followed, so two spellings of one folder are one)."""
+    a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    if a == b:
+        return "is"
+    if a in b.parents:
+        return "contains"
+    if b in a.parents:
+        return "lies inside"
+    return None
+
+
+def check_out_apart(out_dir: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is, contains or lies inside an input (flag -> path): writing it would
+    replace or mix with what the conversion reads."""
+    for flag, path in inputs.items():
+        how = overlap(out_dir, path) if path else None
+        if how is not None:
+            raise ValueError(f"--out={out_dir}: {how} the input {flag} {Path(path).expanduser().resolve()}; "
+                             "write the output elsewhere")
+
+
+def is_gazal_output(folder: str | Path) -> bool:
+    """Whether a gazal conversion or export wrote this folder (its marker file is there)."""
+    folder = Path(folder)
+    return (folder / EXPORT_MARKER).is_file() or (folder / CHECKPOINT_INFO).is_file()
+
+
+def write_export_marker(folder: str | Path, record: dict) -> None:
+    """The marker that lets a later `--overwrite` replace this folder; `record` says what wrote it
+    and from what (written_by, source, and for training outputs the step and run identity)."""
+    record = {**record, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    (Path(folder) / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool, force: bool = False) -> Path:
+    """Refuse to replace an existing output unless asked to (checked before any heavy work).
+    `overwrite` replaces only an empty folder or one a gazal conversion or export wrote (its
+    marker); `force` replaces any folder."""
     from gazal_nemo.config_io import require_writable_dir
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not (overwrite or force):
         raise ValueError(f"{out_dir}: output already exists; pass --overwrite (overwrite=True) to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and not force and any(out_dir.iterdir()) and not is_gazal_output(out_dir):
+        raise ValueError(f"{out_dir}: exists and was not written by a gazal conversion or export (no {EXPORT_MARKER} "
+                         f"or {CHECKPOINT_INFO}); --overwrite replaces only those; pass --force to replace it anyway")
     require_writable_dir(out_dir, "--out")
     return out_dir
 
@@ -88,18 +133,18 @@ def publish_dir(stage: Path, out_dir: Path) -> None:
 
 
 @contextmanager
-def staged_output_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
+def staged_output_dir(out_dir: str | Path, *, overwrite: bool, force: bool = False) -> Iterator[Path]:
     """Yield a hidden sibling of out_dir, empty but for its owner marker; on success it becomes
     out_dir (without the marker), on error it is removed.
 
     Staging folders of earlier runs to the same out_dir whose owner process is gone are removed first.
     """
-    out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    out_dir = check_output_dir(out_dir, overwrite=overwrite, force=force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_stages(out_dir)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        (stage / STAGE_OWNER_FILE).write_text(json.dumps(_this_process()) + "\n")
+        (stage / STAGE_OWNER_FILE).write_text(json.dumps(this_process()) + "\n")
         yield stage
         (stage / STAGE_OWNER_FILE).unlink()
         publish_dir(stage, out_dir)
@@ -134,35 +179,7 @@ def _stage_is_abandoned(stage: Path) -> bool:
             return False
     except (OSError, ValueError):
         return False
-    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
-        return False
-    return not _process_alive(int(owner.get("pid", -1)), owner.get("start"))
-
-
-def _this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks (Linux /proc), which tells a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after "(comm)"
-
-
-def _process_alive(pid: int, start: str | None) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    current = _process_start(pid)
-    return start is None or current is None or current == start
+    return owner_gone(owner) is not None  # no heartbeat: a stage of another host is left alone
 
 
 def copy_hf_meta(src_dir: str | Path, dst_dir: str | Path, *, dtype: torch.dtype | None = None) -> None:

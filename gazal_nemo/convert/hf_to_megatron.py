@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from gazal_nemo.convert.dist_ckpt import (
     HF_SUBDIR,
+    check_out_apart,
     check_output_dir,
     copy_hf_meta,
     parse_dtype,
@@ -112,12 +113,13 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
-                           overwrite: bool = False, tp: int = 1, pp: int = 1,
+                           overwrite: bool = False, force: bool = False, tp: int = 1, pp: int = 1,
                            progress: Callable[[str], None] | None = None) -> Path:
     """Convert a HF Qwen3 folder into a gazal checkpoint folder that loads at any TP/PP.
 
     dtype: "bf16" / "fp32" (default: the dtype of the source embedding). tp/pp: a layout the
     checkpoint will be loaded at, refused now if the model cannot be split that way.
+    overwrite: replace an out_dir that an earlier gazal conversion or export wrote; force: any.
     progress: called with each chunk's name as it is converted (CLI logging).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -125,7 +127,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
         raise ValueError(f"tp={tp} pp={pp}: both must be >= 1")
     shape = Qwen3Shape.from_pretrained(hf_dir)
     shape.check_parallel(tp=tp, pp=pp)
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_out_apart(out_dir, {"--hf-dir": hf_dir})
+    check_output_dir(out_dir, overwrite=overwrite, force=force)
     reader = HFCheckpointReader(hf_dir)
     hf_shapes = validate_hf_tensors(reader, shape)
     target_dtype = parse_dtype(dtype) or reader.dtype("model.embed_tokens.weight")
@@ -137,7 +140,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
             progress(chunk.param.name)
         return tensor
 
-    with staged_output_dir(out_dir, overwrite=overwrite) as stage:
+    with staged_output_dir(out_dir, overwrite=overwrite, force=force) as stage:
         write_dist_checkpoint(stage, dist_chunks(shape, hf_shapes), extra_state_keys(shape.num_layers),
                               dtype=target_dtype, make_chunk=make_chunk)
         copy_hf_meta(hf_dir, stage / HF_SUBDIR)

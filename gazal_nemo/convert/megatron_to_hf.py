@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from gazal_nemo.convert.dist_ckpt import (
     HF_SUBDIR,
+    check_out_apart,
     check_output_dir,
     copy_hf_meta,
     parse_dtype,
@@ -30,6 +31,7 @@ from gazal_nemo.convert.dist_ckpt import (
     single_process_dcp,
     staged_output_dir,
     stored_entries,
+    write_export_marker,
 )
 from gazal_nemo.convert.hf_io import HFCheckpointWriter
 from gazal_nemo.convert.mapping import (
@@ -84,15 +86,19 @@ def export_groups(shape: Qwen3Shape) -> list[list[MegatronParam]]:
 def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
                            overwrite: bool = False, hf_meta_dir: str | Path | None = None,
                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ignore_extra_keys: bool = False,
-                           progress: Callable[[str], None] | None = None) -> Path:
+                           progress: Callable[[str], None] | None = None, force: bool = False,
+                           marker: dict | None = None) -> Path:
     """Export a gazal checkpoint folder (from the converter or `save_model`) as a HF Qwen3 folder.
 
     dtype: "bf16" / "fp32" (default: the checkpoint's). hf_meta_dir: config/tokenizer source
     when the folder has no `hf/` (a plain megatron checkpoint). progress: called with each HF
-    tensor name as it is written.
+    tensor name as it is written. overwrite: replace an out_dir that an earlier gazal conversion or
+    export wrote; force: any. marker: more fields for the folder's gazal_export.json (e.g. the run's
+    identity).
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_out_apart(out_dir, {"--ckpt-dir": ckpt_dir, "--hf-meta-dir": hf_meta_dir})
+    check_output_dir(out_dir, overwrite=overwrite, force=force)
     read_checkpoint_info(ckpt_dir)  # refuses folders written by a newer format
     meta_dir = Path(hf_meta_dir) if hf_meta_dir is not None else ckpt_dir / HF_SUBDIR
     check_model_dir(meta_dir, what="--hf-meta-dir" if hf_meta_dir is not None else "checkpoint hf/ folder")
@@ -104,7 +110,7 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: 
     hf_shapes = hf_tensor_shapes(shape)
     specs = [(name, target_dtype, hf_shapes[name]) for group in groups for p in group for name in p.hf_names]
 
-    with staged_output_dir(out_dir, overwrite=overwrite) as stage:
+    with staged_output_dir(out_dir, overwrite=overwrite, force=force) as stage:
         writer = HFCheckpointWriter(stage, specs, max_shard_bytes=max_shard_bytes)
         for group in groups:
             for name, tensor in _hf_tensors(reader, group, shape):
@@ -113,6 +119,8 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: 
                     progress(name)
         writer.close()
         copy_hf_meta(meta_dir, stage, dtype=target_dtype)
+        write_export_marker(stage, {"written_by": "gazal convert megatron-to-hf", "source": str(ckpt_dir.resolve()),
+                                    **(marker or {})})
     return out_dir
 
 

@@ -8,7 +8,11 @@ as a `gazal convert` checkpoint, next to optimizer state, plus the HF config/tok
   * adapter training: only the adapter is saved. The base model is rebuilt from the saved
     recipe's source (model.hf_path or model.megatron_ckpt, as training did), the adapter
     loaded into it, merged (W' = (m/n)(W + s·B·A)) and exported through the same
-    Megatron -> HF path as the end-of-stage export (stages/export.py).
+    Megatron -> HF path as the end-of-stage export (stages/export.py). The base must still be
+    the one training used: its files are compared with the fingerprints in the checkpoint's
+    identity.json (training/run_identity.py) and a changed file is refused by name, since the
+    merge would put the adapter on another model.
+The export's gazal_export.json carries the checkpoint's step and run identity.
 `gazal convert megatron-to-hf --ckpt-dir <step dir or checkpoint root>` lands here.
 """
 
@@ -46,26 +50,54 @@ def step_checkpoint_dir(path: str | Path) -> Path | None:
     return None
 
 
-def export_step_checkpoint(step_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+def export_step_checkpoint(step_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrite: bool = False,
+                           force: bool = False, allow_changes: tuple[str, ...] = ()) -> Path:
     """Write `out_dir` as a HF Qwen3 folder from a step checkpoint (or a checkpoint root: its latest).
 
-    dtype: "bf16" / "fp32" (default: the stored one). Runs in one process; an adapter
-    checkpoint starts a one-process gloo group if none is running (if one is, every rank
-    of it must call).
+    dtype: "bf16" / "fp32" (default: the stored one). overwrite / force: as the converters.
+    allow_changes: base-model files (paths or recipe keys) that may differ from the checkpoint's
+    record. Runs in one process; an adapter checkpoint starts a one-process gloo group if none
+    is running (if one is, every rank of it must call).
     """
-    from gazal_nemo.convert.dist_ckpt import check_output_dir
+    from gazal_nemo.convert.dist_ckpt import check_out_apart, check_output_dir
     from gazal_nemo.convert.megatron_to_hf import convert_megatron_to_hf
 
     found = step_checkpoint_dir(step_dir)
     if found is None:
         raise ValueError(f"{step_dir}: not a step checkpoint (no {ckpt.MANIFEST}/{ckpt.TRAINER_STATE}) "
                          "nor a folder of them")
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_out_apart(out_dir, {"--ckpt-dir": found})
+    check_output_dir(out_dir, overwrite=overwrite, force=force)
     state = ckpt.read_trainer_state(found)
+    identity = ckpt.read_identity(found)
+    marker = {"step": state["step"], "run": identity}
     if state.get("trainable") == "all":
-        return convert_megatron_to_hf(found, out_dir, dtype=dtype, overwrite=overwrite,
-                                      hf_meta_dir=found / ckpt.HF_SUBDIR, ignore_extra_keys=True)
-    return _export_adapter_step(found, Path(out_dir), dtype=dtype, overwrite=overwrite)
+        return convert_megatron_to_hf(found, out_dir, dtype=dtype, overwrite=overwrite, force=force,
+                                      hf_meta_dir=found / ckpt.HF_SUBDIR, ignore_extra_keys=True, marker=marker)
+    _check_base_unchanged(found, identity, Path(out_dir), allow_changes)
+    return _export_adapter_step(found, Path(out_dir), dtype=dtype, overwrite=overwrite, force=force,
+                                marker=marker)
+
+
+def _check_base_unchanged(step_dir: Path, identity: dict | None, out_dir: Path, allow_changes) -> None:
+    """The base the adapter is merged into is the one it was trained on, and the output does not
+    replace it."""
+    from gazal_nemo.convert.dist_ckpt import check_out_apart
+    from gazal_nemo.training.resume_check import input_changes
+    from gazal_nemo.training.run_identity import fingerprint_inputs
+
+    model = ckpt.read_saved_recipe(step_dir).get("model") or {}
+    check_out_apart(out_dir, {f"(the base model, {key})": model.get(key) for key in ("hf_path", "megatron_ckpt")})
+    if not identity:
+        return  # written before run identities: nothing to compare
+    base = {k: v for k, v in (identity.get("inputs") or {}).items() if k.startswith("model.")}
+    changes = input_changes(base, fingerprint_inputs({"model": model}), allowed=allow_changes)
+    if changes:
+        listed = "; ".join(f"{key} {file}: {what}" for key, file, what in changes[:8])
+        files = ",".join(dict.fromkeys(file for _, file, _ in changes))
+        raise ValueError(f"{step_dir}: the base model this adapter was trained on changed since the checkpoint was "
+                         f"written: {listed}; the merge would put the adapter on another model; refused (restore "
+                         f"the base, or accept the change with --allow-changes {files})")
 
 
 def _saved_recipe(step_dir: Path):
@@ -78,7 +110,7 @@ def _saved_recipe(step_dir: Path):
         raise ValueError(f"{step_dir / ckpt.RECIPE}: {e}") from None
 
 
-def _export_adapter_step(step_dir: Path, out_dir: Path, *, dtype, overwrite: bool) -> Path:
+def _export_adapter_step(step_dir: Path, out_dir: Path, *, dtype, overwrite: bool, force: bool, marker: dict) -> Path:
     """Rebuild base + adapter in a one-process group. Inside a running job (its process group
     and megatron state belong to the job, and maybe only one rank calls) that happens in a
     fresh CPU-only subprocess instead."""
@@ -88,11 +120,12 @@ def _export_adapter_step(step_dir: Path, out_dir: Path, *, dtype, overwrite: boo
     if recipe.adapter is None:
         raise ValueError(f"{step_dir}: holds an adapter but its recipe.json has no adapter section")
     if dist.is_initialized():
-        return _export_in_subprocess(step_dir, out_dir, dtype=dtype, overwrite=overwrite)
+        return _export_in_subprocess(step_dir, out_dir, dtype=dtype, overwrite=overwrite, force=force)
     init_parallel(tp=1, pp=1, seed=recipe.train.seed)
     try:
         model, shape = _base_with_saved_adapter(step_dir, recipe)
-        return _write_merged(model, shape, step_dir, out_dir, dtype=dtype, overwrite=overwrite)
+        return _write_merged(model, shape, step_dir, out_dir, dtype=dtype, overwrite=overwrite, force=force,
+                             marker=marker)
     finally:
         shutdown_parallel()
 
@@ -100,7 +133,7 @@ def _export_adapter_step(step_dir: Path, out_dir: Path, *, dtype, overwrite: boo
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
-def _export_in_subprocess(step_dir: Path, out_dir: Path, *, dtype, overwrite: bool) -> Path:
+def _export_in_subprocess(step_dir: Path, out_dir: Path, *, dtype, overwrite: bool, force: bool) -> Path:
     import os
     import subprocess
     import sys
@@ -109,6 +142,8 @@ def _export_in_subprocess(step_dir: Path, out_dir: Path, *, dtype, overwrite: bo
     env["CUDA_VISIBLE_DEVICES"] = ""  # the job's GPUs stay the job's; merging runs on the host
     cmd = [sys.executable, "-m", "gazal_nemo.convert.step_to_hf", str(step_dir), str(out_dir)]
     cmd += (["--dtype", str(dtype)] if dtype else []) + (["--overwrite"] if overwrite else [])
+    cmd += ["--force"] if force else []
+    cmd += ["--allow-changes", "model"]  # the caller compared the base already
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -141,7 +176,8 @@ def _base_with_saved_adapter(step_dir: Path, recipe):
     return model, shape
 
 
-def _write_merged(model, shape, step_dir: Path, out_dir: Path, *, dtype, overwrite: bool) -> Path:
+def _write_merged(model, shape, step_dir: Path, out_dir: Path, *, dtype, overwrite: bool, force: bool,
+                  marker: dict) -> Path:
     """Merge the adapter and export through a temporary Megatron checkpoint, as stages/export.py
     does (one process: the caller started a one-rank group)."""
     from gazal_nemo.convert.dist_ckpt import save_model
@@ -156,13 +192,15 @@ def _write_merged(model, shape, step_dir: Path, out_dir: Path, *, dtype, overwri
         with base_linears_in_place(model):
             megatron_dir = save_model(model, work / "megatron", hf_meta_dir=step_dir / ckpt.HF_SUBDIR,
                                       source=f"{step_dir} (adapter merged)")
-        return convert_megatron_to_hf(megatron_dir, out_dir, dtype=dtype, overwrite=overwrite)
+        return convert_megatron_to_hf(megatron_dir, out_dir, dtype=dtype, overwrite=overwrite, force=force,
+                                      marker=dict(marker, source=str(step_dir.resolve())))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gazal_nemo.convert.step_to_hf STEP_DIR OUT_DIR [--dtype] [--overwrite]`."""
+    """`python -m gazal_nemo.convert.step_to_hf STEP_DIR OUT_DIR [--dtype] [--overwrite] [--force]
+    [--allow-changes PATH,...]`."""
     import argparse
     import sys
 
@@ -171,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--allow-changes", default="")
     args = parser.parse_args(argv)
     try:
-        export_step_checkpoint(args.step_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        export_step_checkpoint(args.step_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                               force=args.force, allow_changes=tuple(filter(None, args.allow_changes.split(","))))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"step_to_hf: error: {e}", file=sys.stderr)
         return 2

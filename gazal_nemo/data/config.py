@@ -1,13 +1,15 @@
 """Configuration of the SFT data pipeline (sources, chat rendering, packing).
 
 The defaults reproduce the paper's SFT stage (Appendix A.1 / B.1): the B.1 system prompt,
-8192-token sequences, seed 3407. Mistakes raise ValueError naming the key and what is allowed.
+8192-token sequences, seed 3407. Mistakes raise ValueError naming the key as the recipe
+writes it (`sft_data.max_length`, `sft_data.sources[1].weight`) and what is allowed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from gazal_nemo.data.prompts import SFT_SYSTEM_PROMPT
 
@@ -36,27 +38,25 @@ class DataSourceConfig:
     max_rows: int | None = None
     """Read only the first `max_rows` rows of the source (None: all)."""
 
+    KEY_PREFIX: ClassVar[str] = "sft_data.sources[i]"
+    """Where a source sits in a recipe; config_io.from_dict puts in the real index."""
+
     def __post_init__(self):
+        key = self.KEY_PREFIX
         if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"data source path must be a non-empty string, got {self.path!r}")
+            raise ValueError(f"{key}.path={self.path!r}; allowed: a file, folder or hub dataset id")
         if self.format not in FORMAT_FIELDS:
-            raise ValueError(
-                f"data source {self.path}: format={self.format!r}; allowed: {sorted(FORMAT_FIELDS)}"
-            )
+            raise ValueError(f"{key}.format={self.format!r}; allowed: {', '.join(map(repr, FORMAT_FIELDS))}")
         unknown = sorted(set(self.columns) - set(FORMAT_FIELDS[self.format]))
         if unknown:
-            raise ValueError(
-                f"data source {self.path}: columns has unknown keys {unknown} for format "
-                f"{self.format!r}; allowed keys: {list(FORMAT_FIELDS[self.format])}"
-            )
+            raise ValueError(f"{key}.columns has unknown keys {unknown} for format {self.format!r}; "
+                             f"allowed keys: {list(FORMAT_FIELDS[self.format])}")
         if not all(isinstance(v, str) and v for v in self.columns.values()):
-            raise ValueError(
-                f"data source {self.path}: columns values must be column names, got {self.columns}"
-            )
-        if not self.weight > 0:
-            raise ValueError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+            raise ValueError(f"{key}.columns: values must be column names, got {self.columns}")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"{key}.weight={self.weight!r}; allowed: finite numbers > 0")
         if self.max_rows is not None and self.max_rows < 1:
-            raise ValueError(f"data source {self.path}: max_rows must be >= 1 or None, got {self.max_rows}")
+            raise ValueError(f"{key}.max_rows={self.max_rows!r}; allowed: null or integers >= 1")
 
     def column(self, name: str) -> str:
         """The dataset's column holding our field `name`."""
@@ -84,17 +84,15 @@ class SFTDataConfig:
 
     def __post_init__(self):
         if not self.sources:
-            raise ValueError("sft data: sources must list at least one DataSourceConfig")
+            raise ValueError("sft_data.sources is empty; allowed: a list of at least one source")
         for index, source in enumerate(self.sources):
             if not isinstance(source, DataSourceConfig):
-                raise ValueError(
-                    f"sft data: sources[{index}] must be a DataSourceConfig, got {type(source).__name__}"
-                )
+                raise ValueError(f"sft_data.sources[{index}] must be a DataSourceConfig, got {type(source).__name__}")
         if self.max_length < 2:
-            raise ValueError(f"sft data: max_length must be >= 2 tokens, got {self.max_length}")
+            raise ValueError(f"sft_data.max_length={self.max_length}; allowed: integers >= 2 (tokens)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"sft data: max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise ValueError(f"sft_data.max_bad_fraction={self.max_bad_fraction}; allowed: 0 <= x <= 1")
+        if self.seed < 0:
+            raise ValueError(f"sft_data.seed={self.seed}; allowed: integers >= 0")
         if self.truncation not in TRUNCATION_POLICIES:
-            raise ValueError(
-                f"sft data: truncation={self.truncation!r}; allowed: {list(TRUNCATION_POLICIES)}"
-            )
+            raise ValueError(f"sft_data.truncation={self.truncation!r}; allowed: {', '.join(map(repr, TRUNCATION_POLICIES))}")

@@ -16,8 +16,9 @@ Decisions, recorded here because they change what the model learns:
 - Reasoning goes inline in the assistant content as "<think>\\n...\\n</think>\\n\\n{answer}",
   which is both ChatML text and what Qwen3's template re-renders identically.
 - Bad rows (unreadable JSON lines, missing/empty fields, unknown role, no assistant turn,
-  too long, template mismatch) are collected with their source and row index; more than
-  `max_bad_fraction` of them stops the run before training starts.
+  too long, template mismatch, a JSON key given twice) are collected with their source and
+  row (reports count rows from 1); more than `max_bad_fraction` of them stops the run
+  before training starts.
 """
 
 from __future__ import annotations
@@ -30,23 +31,17 @@ import numpy as np
 
 from gazal_nemo.data.config import SFTDataConfig
 from gazal_nemo.data.packing import IGNORE_INDEX, PackedSFTDataset, pack_documents
-from gazal_nemo.data.sources import MALFORMED_FIELD, MixedRows, SourceCount, load_mixed_rows
+from gazal_nemo.data.sources import (
+    MALFORMED_FIELD,
+    BadRow,
+    BadRowError,
+    MixedRows,
+    SourceCount,
+    load_mixed_rows,
+)
 
 ROLES = ("system", "user", "assistant")
 _MAX_LISTED_BAD_ROWS = 20
-
-
-class BadRowError(ValueError):
-    """A row that cannot become a training example; the message says why."""
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """An unusable row: which source file / dataset, which row, and why."""
-
-    source: str
-    row: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,7 @@ class SFTDataReport:
         reasons = Counter(bad.reason.split(":")[0] for bad in self.bad_rows)
         lines += [f"  bad ({count} distinct rows): {reason}" for reason, count in reasons.most_common()]
         lines += [
-            f"  bad row {bad.row} of {bad.source}: {bad.reason}"
+            f"  bad row {bad.row + 1} of {bad.source}: {bad.reason}"
             for bad in self.bad_rows[:_MAX_LISTED_BAD_ROWS]
         ]
         if len(self.bad_rows) > _MAX_LISTED_BAD_ROWS:
@@ -132,14 +127,14 @@ def chat_messages(row: dict) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRowError("messages: missing or empty")
     cleaned = []
-    for index, message in enumerate(messages):
+    for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            raise BadRowError(f"messages: message {index} is not a mapping")
+            raise BadRowError(f"messages: message {number} is not a mapping")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise BadRowError(f"unknown role: message {index} has role {role!r}; allowed: {list(ROLES)}")
+            raise BadRowError(f"unknown role: message {number} has role {role!r}; allowed: {list(ROLES)}")
         if not isinstance(content, str) or not content.strip():
-            raise BadRowError(f"empty content: message {index} ({role})")
+            raise BadRowError(f"empty content: message {number} ({role})")
         cleaned.append({"role": role, "content": content})
     if cleaned[-1]["role"] != "assistant":
         raise BadRowError(f"no final assistant turn: last message is {cleaned[-1]['role']!r}")
@@ -243,7 +238,7 @@ def check_bad_fraction(report: SFTDataReport, max_bad_fraction: float) -> None:
         first = report.bad_rows[0]
         raise ValueError(
             f"SFT data: {report.num_bad} of {report.num_rows} rows are bad ({100 * fraction:.2f}%), "
-            f"more than sft_data.max_bad_fraction={max_bad_fraction}; first: row {first.row} of {first.source}: "
+            f"more than sft_data.max_bad_fraction={max_bad_fraction}; first: row {first.row + 1} of {first.source}: "
             f"{first.reason}\n{report.summary()}"
         )
     if report.num_documents == 0:

@@ -8,7 +8,10 @@ Local JSON is read here line by line rather than with `datasets`' JSON loader, w
 refuses a whole file for one broken line: a line that is not a JSON object (bad JSON, not
 UTF-8, a bare list) becomes a row holding only `MALFORMED_FIELD` (why, with the line
 number), so it counts as a bad row under `max_bad_fraction` like a row with a missing
-field. Parquet and hub datasets go through `datasets`.
+field. Parquet and hub datasets go through `datasets`. A JSON object that gives a key twice
+(`"options": {"B": .., "B": ..}`) is a bad row naming the key: JSON keeps only the last
+value, so the row would silently mean something else (an option lost, the gold letter
+shifted).
 
 Mixing is a fixed list of (source, row) pairs drawn from the seed: a weight w takes
 round(w * rows) rows of a source (every row floor(w) times, plus a seeded sample without
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +35,58 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _OPTIONAL_FIELDS = {"options"}  # open questions have no options column
 MALFORMED_FIELD = "__malformed__"
 """Key of the placeholder row that stands for an unreadable JSON line; its value says why."""
+
+
+class BadRowError(ValueError):
+    """A row that cannot become a training example or a question; the message says why."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """An unusable row: which source file / dataset, which row (index from 0), and why."""
+
+    source: str
+    row: int
+    """Index of the row in its source, from 0; reports print it from 1 (`row + 1`)."""
+    reason: str
+
+
+class _KeyGivenTwice(dict):
+    """A parsed JSON object that gave `repeated` more than once (JSON keeps the last value)."""
+
+    repeated: str
+
+
+def _object_hook(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    marked = _KeyGivenTwice(obj)
+    marked.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return marked
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads that remembers keys given twice: read them back with `repeated_key`."""
+    return json.loads(text, object_pairs_hook=_object_hook)
+
+
+def repeated_key(value: Any, path: str = "") -> str | None:
+    """Dotted path of the first key some object inside `value` gives twice ("options.B"), or None."""
+    if isinstance(value, _KeyGivenTwice):
+        return f"{path}{value.repeated}"
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, child in children:
+        found = repeated_key(child, f"{path}{name}.")
+        if found is not None:
+            return found
+    return None
+
+
+def key_given_twice(where: str, key: str) -> str:
+    """The bad-row reason for a JSON object with a repeated key."""
+    return f"{where}: key {key!r} is given twice (JSON keeps only the last value)"
 
 
 @dataclass(frozen=True)
@@ -104,6 +160,16 @@ def check_local_source(path: str, key: str) -> None:
             raise ValueError(f"{key}: data file {file} is empty")
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSON lines (the format the loaders read), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def read_local_rows(path: str, *, split: str = "train"):
     """Rows of a local file or folder: a list of dicts for JSON, a `datasets.Dataset` for parquet."""
     builder, files = _local_files(Path(path).expanduser())
@@ -134,7 +200,7 @@ def read_json_rows(path: Path) -> list[dict]:
 def _parse_json_line(line: bytes, where: str) -> dict:
     """One JSON-lines row, or a MALFORMED_FIELD row saying `where` and why it is unreadable."""
     try:
-        row = json.loads(line.decode("utf-8"))
+        row = parse_json(line.decode("utf-8"))
     except UnicodeDecodeError:
         return {MALFORMED_FIELD: f"{where}: not UTF-8 text"}
     except json.JSONDecodeError as e:
@@ -143,13 +209,16 @@ def _parse_json_line(line: bytes, where: str) -> dict:
         return {MALFORMED_FIELD: f"{where}: a JSON {type(row).__name__}, not an object"}
     if MALFORMED_FIELD in row:
         return {MALFORMED_FIELD: f"{where}: uses the reserved key {MALFORMED_FIELD}"}
+    repeated = repeated_key(row)
+    if repeated is not None:
+        return {MALFORMED_FIELD: key_given_twice(where, repeated)}
     return row
 
 
 def _read_json_array(path: Path) -> list[dict]:
     """A whole-file JSON array: one syntax error makes the file unreadable, so it is refused whole."""
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        rows = parse_json(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ValueError(f"data file {path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -159,8 +228,14 @@ def _read_json_array(path: Path) -> list[dict]:
         raise ValueError(f"data file {path} is empty (no rows)")
     if not isinstance(rows, list):
         raise ValueError(f"data file {path}: a JSON {type(rows).__name__}; expected an array of rows or JSON lines")
-    return [row if isinstance(row, dict) else {MALFORMED_FIELD: f"{path} element {index}: not an object"}
-            for index, row in enumerate(rows)]
+    return [_array_row(row, f"{path} element {number}") for number, row in enumerate(rows, start=1)]
+
+
+def _array_row(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        return {MALFORMED_FIELD: f"{where}: not an object"}
+    repeated = repeated_key(row)
+    return row if repeated is None else {MALFORMED_FIELD: key_given_twice(where, repeated)}
 
 
 def _read_parquet(files: list[str], *, split: str):

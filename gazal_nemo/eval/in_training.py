@@ -3,8 +3,9 @@ the training model itself (no export), scored exactly as `gazal eval` scores it.
 
 Same loader, prompt (B.2 with the question's letters), greedy decoding and extractor
 (rl.rewards.final_answer_letter) as the evaluation command, so the curve in metrics.jsonl is
-the number `gazal eval` would print for that step's weights. The engine is the megatron
-KV-cache rollout engine on the live model (TP ranks generate together, so pp must be 1);
+the number `gazal eval` would print for that step's weights. The engine is the stage's own:
+GRPO's rollout engine, brought to the step's weights first (a push for vLLM), or for SFT the
+megatron KV-cache engine on the live model (TP ranks generate together, so pp must be 1);
 data-parallel ranks split the questions and add up their counts.
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gazal_nemo.inference.protocol import SamplingSettings
 
 
 @dataclass(kw_only=True)
@@ -47,14 +50,14 @@ class TrainingEvaluator:
     """Built once per stage (questions tokenized once); `maybe_evaluate(step)` is the loop hook."""
 
     def __init__(self, config: TrainingEvalConfig, *, model, tokenizer, stop_ids: list[int], total_steps: int,
-                 max_batch_size: int = 64):
+                 max_batch_size: int = 64, engine=None, before_generate=None):
         from megatron.core import parallel_state as ps
 
         from gazal_nemo.eval.loaders import load_benchmark
         from gazal_nemo.eval.prompting import build_prompts
-        from gazal_nemo.rl.rollout import MegatronRolloutEngine
+        from gazal_nemo.inference.megatron_engine import MegatronEngine
 
-        if ps.get_pipeline_model_parallel_world_size() > 1:
+        if engine is None and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("eval_during_training needs parallel.pp=1 (it generates with the megatron engine); "
                              "set eval_during_training.every=0 or evaluate the exports with `gazal eval`")
         self.config, self.total_steps, self.tokenizer, self.stop_ids = config, total_steps, tokenizer, stop_ids
@@ -63,18 +66,21 @@ class TrainingEvaluator:
         dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
         self.prompts = prompts[ps.get_data_parallel_rank(with_context_parallel=True)::dp_size]
         self.group = ps.get_data_parallel_group(with_context_parallel=True)
-        self.engine = MegatronRolloutEngine(model, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                            max_batch_size=max_batch_size)
+        self.engine = engine or MegatronEngine(model, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                               max_batch_size=max_batch_size)
+        self.before_generate = before_generate
 
     def maybe_evaluate(self, step: int) -> dict:
         every = self.config.every
         if not every or (step % every and step != self.total_steps):
             return {}
         from gazal_nemo.eval.run import score_completion
-        from gazal_nemo.rl.stopping import completion_text
+        from gazal_nemo.inference.stopping import completion_text
 
-        completions = self.engine.generate([p.prompt_ids for p in self.prompts], max_new_tokens=self.config.max_new_tokens,
-                                           temperature=0.0, top_k=0, top_p=1.0, seed=0) if self.prompts else []
+        if self.before_generate is not None:
+            self.before_generate(step)  # e.g. push this step's weights to a vLLM engine (every rank)
+        greedy = SamplingSettings(max_new_tokens=self.config.max_new_tokens)
+        completions = self.engine.generate([p.prompt_ids for p in self.prompts], greedy) if self.prompts else []
         correct = failed = truncated = 0
         for prompt, completion in zip(self.prompts, completions):
             letter = score_completion(prompt, completion_text(self.tokenizer, completion.tokens, self.stop_ids),
@@ -91,12 +97,16 @@ class TrainingEvaluator:
                 f"{name}/truncation_rate": counts[2].item() / total}
 
 
-def training_eval_hook(config: TrainingEvalConfig, *, model, tokenizer, total_steps: int):
-    """The train_loop `evaluate` hook of a stage, or None when in-training evaluation is off."""
+def training_eval_hook(config: TrainingEvalConfig, *, model, tokenizer, total_steps: int, engine=None,
+                       before_generate=None):
+    """The train_loop `evaluate` hook of a stage, or None when in-training evaluation is off.
+
+    engine: the stage's policy engine (GRPO), else a megatron engine on `model`;
+    before_generate(step): brings that engine to the step's weights."""
     if not config.every:
         return None
-    from gazal_nemo.rl.stopping import stop_token_ids
+    from gazal_nemo.inference.stopping import stop_token_ids
 
     evaluator = TrainingEvaluator(config, model=model, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer),
-                                  total_steps=total_steps)
+                                  total_steps=total_steps, engine=engine, before_generate=before_generate)
     return evaluator.maybe_evaluate

@@ -16,8 +16,9 @@ options {letter: text}, answer letter)`, so one prompt builder and one scorer se
     Default ("health",), as lm-evaluation-harness's `mmlu_pro_health` task; override with
     `--mmlu-pro-categories` (e.g. health,biology), see docs/EVAL.md.
 
-A row that is broken on its own (empty question, answer not an option) is counted and
-skipped, like the GRPO loader, up to `max_bad_fraction`; a file-level problem (unreadable,
+A row that is broken on its own (empty question, answer not an option, a JSON key given
+twice) is counted and skipped, like the GRPO loader, up to `max_bad_fraction`; rows are
+numbered from 1 in every message; a file-level problem (unreadable,
 missing column, nothing selected, a label convention that would shift every gold letter)
 is a ValueError naming the file and the reason, never an accuracy of 0.0.
 """
@@ -30,8 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gazal_nemo.data.mcq import parse_mcq_row
-from gazal_nemo.data.sft import BadRowError
+from gazal_nemo.data.sources import MALFORMED_FIELD, BadRowError, key_given_twice, parse_json, repeated_key
+from gazal_nemo.tasks.mcq import parse_mcq_row
 
 LETTERS = string.ascii_uppercase
 MMLU_PRO_MEDICAL_CATEGORIES = ("health",)
@@ -68,7 +69,7 @@ class LoadReport:
                  f"{self.num_other_category} outside the selected categories, {self.num_questions} questions"]
         reasons = Counter(reason.split(":")[0] for _, reason in self.bad_rows)
         lines += [f"  bad ({count} rows): {reason}" for reason, count in reasons.most_common()]
-        lines += [f"  bad row {row}: {reason}" for row, reason in self.bad_rows[:_MAX_LISTED_BAD_ROWS]]
+        lines += [f"  bad row {index + 1}: {reason}" for index, reason in self.bad_rows[:_MAX_LISTED_BAD_ROWS]]
         return "\n".join(lines)
 
 
@@ -76,27 +77,42 @@ class LoadReport:
 
 
 def _read_json_file(path: Path) -> list[dict]:
+    """Rows of a JSON array, an {id: row} object (ori_pqal.json) or JSON lines; a row that gives a
+    key twice becomes a MALFORMED_FIELD row (a bad row naming file, row and key)."""
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("[") or stripped.startswith("{"):
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except json.JSONDecodeError:
             data = None  # JSON lines whose first line is an object
         if isinstance(data, list):
-            return data
+            return [_checked_row(row, f"{path} row {number}") for number, row in enumerate(data, 1)]
         if isinstance(data, dict):
-            if all(isinstance(v, dict) for v in data.values()) and data:
-                return [{"_key": key, **value} for key, value in data.items()]  # ori_pqal.json: {PMID: row}
-            return [data]
+            if all(isinstance(v, dict) for v in data.values()) and data:  # ori_pqal.json: {PMID: row}
+                id_twice = repeated_key(data)  # a PMID given twice (or None, or a key inside a row)
+                return [_checked_row(value, f"{path} row {number} ({key})", id_twice=id_twice == key, id_key=key)
+                        for number, (key, value) in enumerate(data.items(), 1)]
+            return [_checked_row(data, f"{path} row 1")]
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(_checked_row(parse_json(line), f"{path} line {number}"))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: line {number} is not JSON ({error.msg})") from None
     return rows
+
+
+def _checked_row(row, where: str, *, id_twice: bool = False, id_key: str | None = None):
+    """`row` (with `_key` = id_key in an {id: row} file), or a MALFORMED_FIELD row when it gives
+    a key twice or its id is given twice in the file."""
+    if id_twice:
+        return {MALFORMED_FIELD: key_given_twice(where, id_key)}
+    repeated = repeated_key(row)
+    if repeated is not None:
+        return {MALFORMED_FIELD: key_given_twice(where, repeated)}
+    return row if id_key is None else {"_key": id_key, **row}
 
 
 def read_rows(path: str, *, split: str = "test") -> list[dict]:
@@ -174,7 +190,7 @@ def check_medmcqa_labels(rows: list[dict], path: str) -> None:
         if isinstance(cop, bool) or not isinstance(cop, (int, str)) or str(cop).strip() not in _COP_VALUES:
             hint = (" (cop=4: this file numbers options 1-4 like the original release; subtract 1)"
                     if str(cop).strip() == "4" else "")
-            raise ValueError(f"{path}: row {index}: cop={cop!r} is not an option index 0-3{hint}")
+            raise ValueError(f"{path}: row {index + 1}: cop={cop!r} is not an option index 0-3{hint}")
     if "0" not in {str(c).strip() for c in cops} and len(cops) >= 20:
         raise ValueError(f"{path}: no row has cop=0 in {len(cops)} rows: the labels look 1-based "
                          "(the original release numbered options 1-4); convert to 0-3")
@@ -237,6 +253,9 @@ def load_benchmark(name: str, path: str, *, split: str = "test", limit: int | No
         if not isinstance(row, dict):
             report.bad_rows.append((index, f"row: not an object ({type(row).__name__})"))
             continue
+        if MALFORMED_FIELD in row:
+            report.bad_rows.append((index, f"malformed row: {row[MALFORMED_FIELD]}"))
+            continue
         if name == "mmlu_pro_medical" and str(row.get("category", "")).strip().lower() not in categories:
             report.num_other_category += 1
             continue
@@ -249,8 +268,10 @@ def load_benchmark(name: str, path: str, *, split: str = "test", limit: int | No
         raise ValueError(f"{path}: no row has an MMLU-Pro category in {sorted(categories)} "
                          f"(categories present: {sorted({str(r.get('category')) for r in rows})[:15]})")
     if len(report.bad_rows) > max_bad_fraction * selected:
+        first_index, first_reason = report.bad_rows[0]
         raise ValueError(f"{path}: {len(report.bad_rows)} of {selected} rows are bad, more than "
-                         f"max_bad_fraction={max_bad_fraction}\n{report.summary()}")
+                         f"max_bad_fraction={max_bad_fraction}; first: row {first_index + 1}: {first_reason}"
+                         f"\n{report.summary()}")
     if not questions:
         raise ValueError(f"{path}: no usable {name} questions\n{report.summary()}")
     ids = Counter(q.id for q in questions)

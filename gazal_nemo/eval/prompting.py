@@ -1,6 +1,6 @@
 """Evaluation prompts: the GRPO prompt of a question, its option permutations, the answer text.
 
-A question is asked exactly as GRPO asks one (data.mcq: system prompt, then "question\\n\\n
+A question is asked exactly as GRPO asks one (tasks.mcq: system prompt, then "question\\n\\n
 A. ...\\nB. ..." through the tokenizer's chat template with the generation prompt). The
 system prompt is Appendix B.2 with its letter list "A, B, C, D or E" replaced by the
 question's own letters (data.prompts.grpo_system_prompt_for_letters), the one deviation
@@ -12,7 +12,7 @@ cyclic shifts of the options, drawn per question from a seeded generator, so the
 letter moves while the texts keep their relative order.
 
 Scoring (eval.run) uses the GRPO accuracy reward's own extractor,
-rl.rewards.final_answer_letter: the last \\boxed{X} after the last </think>, so a letter
+tasks.mcq.final_answer_letter: the last \\boxed{X} after the last </think>, so a letter
 boxed while thinking is not the answer and a completion cut inside <think> has none.
 """
 
@@ -22,9 +22,9 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from gazal_nemo.data.mcq import mcq_messages, render_prompt
 from gazal_nemo.data.prompts import grpo_system_prompt_for_letters
 from gazal_nemo.eval.loaders import Question
+from gazal_nemo.tasks.mcq import mcq_messages, render_prompt
 
 
 @dataclass(frozen=True, kw_only=True)

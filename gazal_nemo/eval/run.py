@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gazal_nemo.eval.prompting import EvalPrompt
-from gazal_nemo.rl.rewards import extract_answer_letter, final_answer_letter
-from gazal_nemo.rl.stopping import completion_text
+from gazal_nemo.inference.protocol import SamplingSettings
+from gazal_nemo.inference.stopping import completion_text
+from gazal_nemo.tasks.mcq import extract_answer_letter, final_answer_letter
 
 PREDICTIONS = "predictions.jsonl"
 SETTINGS = "eval_settings.json"
@@ -58,6 +59,13 @@ class DecodingConfig:
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError("--num-samples > 1 with --temperature 0 repeats one greedy answer; set --temperature")
 
+    def sampling(self, position: int) -> SamplingSettings:
+        """The engine settings of the batch starting at `position` in the full prompt list (its seed)."""
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                top_k=self.top_k if self.temperature > 0 else 0,
+                                top_p=self.top_p if self.temperature > 0 else 1.0,
+                                seed=self.seed * 1_000_003 + position)
+
 
 def read_finished(path: Path) -> dict[str, dict]:
     """Records of a predictions log by key; a torn (half-written) last line is ignored."""
@@ -79,9 +87,11 @@ def record_key(prompt_id: str, sample: int) -> str:
 
 def check_resume(out_dir: Path, settings: dict, *, overwrite: bool) -> None:
     """Refuse to continue a log written with other settings (read-only: every rank may call)."""
+    from gazal_nemo.hub import read_json_file
+
     path = out_dir / SETTINGS
     if not overwrite and path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json_file(path, "eval settings")
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             raise ValueError(f"{out_dir}: holds an evaluation with other settings ({', '.join(changed)}); "
@@ -133,9 +143,7 @@ def run_prompts(prompts: list[EvalPrompt], engine, tokenizer, *, out_dir: Path, 
         batches = [pending[i:i + decoding.batch_size] for i in range(0, len(pending), decoding.batch_size)]
         for number, batch in enumerate(batches):
             t0 = time.time()
-            completions = engine.generate([p.prompt_ids for _, p, _ in batch], max_new_tokens=decoding.max_new_tokens,
-                                          temperature=decoding.temperature, top_k=decoding.top_k,
-                                          top_p=decoding.top_p, seed=decoding.seed * 1_000_003 + batch[0][0])
+            completions = engine.generate([p.prompt_ids for _, p, _ in batch], decoding.sampling(batch[0][0]))
             seconds = (time.time() - t0) / len(batch)
             for (_, prompt, sample), completion in zip(batch, completions):
                 text = completion_text(tokenizer, completion.tokens, stop_ids)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+QWEN3_DEFAULT_HEAD_DIM = 128
+"""What transformers' Qwen3Config uses when config.json has no head_dim."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,12 +56,26 @@ class Qwen3Shape:
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
+        for key in required + ["head_dim"] * (cfg.get("head_dim") is not None):
+            if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+                raise ValueError(f"{source}: {key}={cfg[key]!r}; allowed: integers >= 1")
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else {})
         rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
         if rope_type not in (None, "default", "yarn"):
             raise ValueError(f"{source}: rope scaling type {rope_type!r} unsupported; supported: yarn or none")
         heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            # transformers' Qwen3Config reads a missing head_dim as 128, not hidden_size / heads: a
+            # checkpoint made with another head size would then load with mismatched shapes.
+            derived = cfg["hidden_size"] // heads if heads else 0
+            if derived != QWEN3_DEFAULT_HEAD_DIM:
+                raise ValueError(
+                    f"{source}: no head_dim; transformers reads that as {QWEN3_DEFAULT_HEAD_DIM}, but hidden_size / "
+                    f"num_attention_heads = {cfg['hidden_size']} / {heads} = {derived}: add the checkpoint's "
+                    f'"head_dim" to config.json (q_proj rows / num_attention_heads)')
+            head_dim = QWEN3_DEFAULT_HEAD_DIM
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -67,7 +83,7 @@ class Qwen3Shape:
             num_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg["num_key_value_heads"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
             max_position_embeddings=cfg.get("max_position_embeddings", 40960),

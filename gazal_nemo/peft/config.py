@@ -33,8 +33,8 @@ class AdapterConfig:
             self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"adapter.rank={self.rank!r}; allowed: integers >= 1")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"adapter.alpha={self.alpha!r}; allowed: numbers > 0")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"adapter.alpha={self.alpha!r}; allowed: finite numbers > 0")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"adapter.dropout={self.dropout!r}; allowed: 0 <= dropout < 1")
         for key in ("use_dora", "use_rslora"):

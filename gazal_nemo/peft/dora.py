@@ -354,7 +354,8 @@ class AdaptedLinear(nn.Module):
         return self.magnitude_scale()
 
     def _merged_fp32(self, scale_O) -> torch.Tensor:
-        w_OI = self.base.weight.float()
+        # A copy even when W is fp32 already: .float() would return W itself and the delta would land in it.
+        w_OI = self.base.weight.detach().to(torch.float32, copy=True)
         self._add_delta(w_OI, sign=1.0)
         if scale_O is not None:
             w_OI *= scale_O[:, None]

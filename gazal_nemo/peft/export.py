@@ -254,6 +254,25 @@ def load_peft_adapter(model, shape: Qwen3Shape, adapter_dir) -> None:
 
 # ---- merged weights under HF names ----------------------------------------------------------
 
+def merged_local_tensor(model, name: str) -> torch.Tensor | None:
+    """This rank's tensor `name` (an unadapted megatron name) with any adapter merged into it,
+    W itself unchanged; None when the model has no such tensor. One tensor at a time, so a
+    weight push never holds a merged copy of the whole model."""
+    from gazal_nemo.peft.dora import _unwrap
+
+    module_path, _, attr = name.rpartition(".")
+    try:
+        module = _unwrap(model).get_submodule(module_path)
+    except AttributeError:
+        return None
+    if isinstance(module, AdaptedLinear):
+        if attr == "weight":
+            return module.merged_weight()
+        module = module.base
+    value = getattr(module, attr, None)
+    return value.detach() if isinstance(value, torch.Tensor) else None
+
+
 def _local_megatron_tensors(model) -> dict[str, torch.Tensor]:
     """Base tensors by their unadapted megatron names, adapted weights merged (W unchanged)."""
     from gazal_nemo.peft.dora import _unwrap

@@ -1,10 +1,11 @@
-"""Recipe sections for GRPO: rewards, the policy loss, sampling and the MCQ prompt data.
+"""Recipe sections for GRPO: rewards, the policy loss, sampling and dynamic sampling.
 
 Defaults reproduce the Gazal-R1 paper (section 4, Appendix A.2) where it gives a value;
 where it does not, the default is the value of the work it cites (Yeo et al. 2025 for the
 cosine reward) and the field says so. Every field is validated here, so a recipe, a CLI
 override and a test that builds the dataclass directly all get the same ValueError naming
-the dotted key (section names as in the recipe: rewards, grpo, sampling, data).
+the full dotted key as the recipe writes it (grpo.rewards.*, grpo.loss.*, grpo.sampling.*).
+The prompt data section (grpo.data) belongs to its task: gazal_nemo.tasks.mcq.MCQDataConfig.
 """
 
 from __future__ import annotations
@@ -75,38 +76,38 @@ class RewardConfig:
     """Extra rewards: 'package.module:function' -> weight, loaded and checked at start-up."""
 
     def __post_init__(self):
-        _check_choice("rewards.combine", self.combine, COMBINE_MODES)
+        _check_choice("grpo.rewards.combine", self.combine, COMBINE_MODES)
         for key in ("format_min_think_words", "format_min_assessment_words"):
             if getattr(self, key) < 0:
-                raise _allowed(f"rewards.{key}", getattr(self, key), "integers >= 0")
+                raise _allowed(f"grpo.rewards.{key}", getattr(self, key), "integers >= 0")
         if self.overlong_buffer < 1:
-            raise _allowed("rewards.overlong_buffer", self.overlong_buffer, "integers >= 1")
+            raise _allowed("grpo.rewards.overlong_buffer", self.overlong_buffer, "integers >= 1")
         for key in ("accuracy_weight", "format_weight", "cosine_weight", "repetition_weight", "overlong_weight",
                     "cosine_min_correct", "cosine_max_correct", "cosine_min_wrong", "cosine_max_wrong",
                     "repetition_max_penalty"):
-            _check_finite(f"rewards.{key}", getattr(self, key))
+            _check_finite(f"grpo.rewards.{key}", getattr(self, key))
         if self.cosine_max_length < 1:
-            raise _allowed("rewards.cosine_max_length", self.cosine_max_length, "integers >= 1")
+            raise _allowed("grpo.rewards.cosine_max_length", self.cosine_max_length, "integers >= 1")
         if self.cosine_min_correct > self.cosine_max_correct:
-            raise _allowed("rewards.cosine_min_correct", self.cosine_min_correct,
+            raise _allowed("grpo.rewards.cosine_min_correct", self.cosine_min_correct,
                            f"<= rewards.cosine_max_correct ({self.cosine_max_correct})")
         if self.cosine_min_wrong > self.cosine_max_wrong:
-            raise _allowed("rewards.cosine_min_wrong", self.cosine_min_wrong,
+            raise _allowed("grpo.rewards.cosine_min_wrong", self.cosine_min_wrong,
                            f"<= rewards.cosine_max_wrong ({self.cosine_max_wrong})")
         if self.cosine_max_wrong > self.cosine_min_correct:
             # Otherwise a long wrong answer would outscore a long correct one.
-            raise _allowed("rewards.cosine_max_wrong", self.cosine_max_wrong,
+            raise _allowed("grpo.rewards.cosine_max_wrong", self.cosine_max_wrong,
                            f"<= rewards.cosine_min_correct ({self.cosine_min_correct})")
         if self.cosine_truncated_value is not None:
-            _check_finite("rewards.cosine_truncated_value", self.cosine_truncated_value)
+            _check_finite("grpo.rewards.cosine_truncated_value", self.cosine_truncated_value)
         if self.repetition_ngram_size < 1:
-            raise _allowed("rewards.repetition_ngram_size", self.repetition_ngram_size, "integers >= 1")
+            raise _allowed("grpo.rewards.repetition_ngram_size", self.repetition_ngram_size, "integers >= 1")
         if self.repetition_max_penalty > 0:
-            raise _allowed("rewards.repetition_max_penalty", self.repetition_max_penalty, "numbers <= 0")
+            raise _allowed("grpo.rewards.repetition_max_penalty", self.repetition_max_penalty, "numbers <= 0")
         for path, weight in self.plugins.items():
             if ":" not in path:
-                raise _allowed("rewards.plugins", path, "keys like 'package.module:function'")
-            _check_finite(f"rewards.plugins.{path}", weight)
+                raise _allowed("grpo.rewards.plugins", path, "keys like 'package.module:function'")
+            _check_finite(f"grpo.rewards.plugins.{path}", weight)
 
 
 @dataclass(kw_only=True)
@@ -130,19 +131,24 @@ class GRPOLossConfig:
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token by min(pi_old / pi_sampler, tis_cap) to correct
     the sampler/trainer mismatch (vLLM); None: off (the paper; the megatron engine samples with the trainer's weights)."""
+    mis_threshold: float | None = None
+    """Sequence-level masking: drop a completion whose geometric-mean pi_old / pi_sampler lies outside
+    [1/mis_threshold, mis_threshold] (asynchronous rollouts, stale samples); None: off."""
 
     def __post_init__(self):
-        _check_choice("grpo.normalisation", self.normalisation, NORMALISATIONS)
+        _check_choice("grpo.loss.normalisation", self.normalisation, NORMALISATIONS)
         if not 0 <= self.eps_low < 1:
-            raise _allowed("grpo.eps_low", self.eps_low, "0 <= x < 1")
+            raise _allowed("grpo.loss.eps_low", self.eps_low, "0 <= x < 1")
         if not 0 <= self.eps_high or not math.isfinite(self.eps_high):
-            raise _allowed("grpo.eps_high", self.eps_high, "finite numbers >= 0")
+            raise _allowed("grpo.loss.eps_high", self.eps_high, "finite numbers >= 0")
         if not 0 <= self.beta or not math.isfinite(self.beta):
-            raise _allowed("grpo.beta", self.beta, "finite numbers >= 0")
+            raise _allowed("grpo.loss.beta", self.beta, "finite numbers >= 0")
         if not 0 < self.advantage_eps or not math.isfinite(self.advantage_eps):
-            raise _allowed("grpo.advantage_eps", self.advantage_eps, "finite numbers > 0")
+            raise _allowed("grpo.loss.advantage_eps", self.advantage_eps, "finite numbers > 0")
         if self.tis_cap is not None and not (1 <= self.tis_cap and math.isfinite(self.tis_cap)):
             raise _allowed("grpo.loss.tis_cap", self.tis_cap, "null or finite numbers >= 1")
+        if self.mis_threshold is not None and not (1 < self.mis_threshold and math.isfinite(self.mis_threshold)):
+            raise _allowed("grpo.loss.mis_threshold", self.mis_threshold, "null or finite numbers > 1")
 
 
 @dataclass(kw_only=True)
@@ -165,17 +171,17 @@ class SamplingConfig:
 
     def __post_init__(self):
         if not 0 < self.temperature or not math.isfinite(self.temperature):
-            raise _allowed("sampling.temperature", self.temperature, "finite numbers > 0")
-        _check_choice("sampling.train_logprobs", self.train_logprobs, ("temperature", "filtered"))
+            raise _allowed("grpo.sampling.temperature", self.temperature, "finite numbers > 0")
+        _check_choice("grpo.sampling.train_logprobs", self.train_logprobs, ("temperature", "filtered"))
         if self.top_k < 0:
-            raise _allowed("sampling.top_k", self.top_k, "integers >= 0 (0 disables)")
+            raise _allowed("grpo.sampling.top_k", self.top_k, "integers >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
-            raise _allowed("sampling.top_p", self.top_p, "0 < x <= 1 (1 disables)")
+            raise _allowed("grpo.sampling.top_p", self.top_p, "0 < x <= 1 (1 disables)")
         if self.num_generations < 2:
-            raise _allowed("sampling.num_generations", self.num_generations,
+            raise _allowed("grpo.sampling.num_generations", self.num_generations,
                            "integers >= 2 (a group of one has no baseline)")
         if self.max_new_tokens < 1:
-            raise _allowed("sampling.max_new_tokens", self.max_new_tokens, "integers >= 1")
+            raise _allowed("grpo.sampling.max_new_tokens", self.max_new_tokens, "integers >= 1")
 
 
 @dataclass(kw_only=True)
@@ -191,39 +197,3 @@ class DynamicSamplingConfig:
     def __post_init__(self):
         if self.max_rounds < 1:
             raise _allowed("grpo.dynamic_sampling.max_rounds", self.max_rounds, "integers >= 1")
-
-
-@dataclass(kw_only=True)
-class MCQDataConfig:
-    """Multiple-choice prompts for GRPO (UltraMedical MCQs, paper section 4.2)."""
-
-    path: str
-    """Local .json/.jsonl/.parquet file or folder of them, or a Hugging Face hub dataset id."""
-    split: str = "train"
-    """Split to read when path is a hub id."""
-    question_key: str = "question"
-    """Column holding the question text."""
-    options_key: str = "options"
-    """Column holding the options: {letter: text} or a list of texts (lettered A, B, ...)."""
-    answer_key: str = "answer"
-    """Column holding the gold option letter."""
-    max_prompt_length: int = 3072
-    """Prompts longer than this many tokens (chat template included) are dropped and counted (paper: 3072)."""
-    subset_fraction: float = 0.1
-    """Fraction of the valid rows used, drawn at random with seed (paper: a shuffled 10%)."""
-    seed: int = 3047
-    """Seed of the subset draw and its order (paper GRPO seed 3047)."""
-    max_bad_fraction: float = 0.01
-    """Refuse the data when more than this fraction of rows is malformed."""
-    system_prompt: str | None = None
-    """System message; None uses the paper's GRPO prompt (Appendix B.2), '' sends none."""
-
-    def __post_init__(self):
-        if not self.path:
-            raise _allowed("data.path", self.path, "a file, folder or hub dataset id")
-        if self.max_prompt_length < 1:
-            raise _allowed("data.max_prompt_length", self.max_prompt_length, "integers >= 1")
-        if not 0 < self.subset_fraction <= 1:
-            raise _allowed("data.subset_fraction", self.subset_fraction, "0 < x <= 1")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise _allowed("data.max_bad_fraction", self.max_bad_fraction, "0 <= x <= 1")

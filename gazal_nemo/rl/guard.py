@@ -6,20 +6,25 @@ Public trainers log such metrics or stop on NaN; none rolls back. `CollapseGuard
 `RollbackGuard` is what the training loop asks after each step, and the loop acts (restore
 the last healthy checkpoint, skip the prompts seen since, optionally lower the learning rate).
 
-How it decides, per watched metric (a rule):
-  * smoothed = mean of the last `window` steps;
-  * baseline = mean of the `baseline_window` healthy steps before those (the run's own
-    recent past, not an absolute constant, so a slow healthy drift moves the baseline too);
-  * a rule is breached when the smoothed value moved the bad way by more than `min_change`
-    (absolute) or past `ratio` x baseline (relative); the guard fires when any rule is
-    breached for `patience` consecutive steps, or at once on a non-finite loss/grad norm.
-No decision before `min_baseline_steps` healthy steps: early RL is noisy by nature.
+What it watches: the reward components the recipe rewards, and signals for the collapses
+the paper names or cites (rl/guard_signals.py): markdown markers, repeated n-grams, answered
+share, answer-letter bias against the gold letters, accuracy per gold position, completion
+length both ways, truncation, entropy, grad norm (rl/guard_rules.py: default_rules).
 
-The degeneration signal that would have caught the paper's episode is the markup density:
-the share of a completion's visible characters that are markdown markers (`*`, `_`, `#`,
-`~`, backtick), averaged over the step's completions. Ordinary markdown (a heading, a bold
-term or two) stays below ~0.05; "surrounding nearly every word with double asterisks" is
-~0.4. A continuous signal, so a drift shows before the text is unreadable.
+How it decides, per watched metric (a rule):
+  * window = the last `window` steps; baseline = the `baseline_window` healthy steps before
+    them (the run's own recent past, not an absolute constant): steps that sat in a breached
+    window and the first `warmup_steps` never join it;
+  * `test: significance` (default): breached when the window's mean moved the bad way by more
+    than the metric's own noise allows at the recipe's `false_alarm_rate` (rl/guard_stats.py:
+    Student t on the baseline's spread, and for a proportion also the binomial noise of the
+    step's sample size; the rate is split over the rules). `min_change` / `ratio`, when set,
+    are floors: the change must also be that large to count (for metrics that are almost
+    noiseless, where any change is significant);
+  * `test: threshold`: breached when the change passes `min_change` (absolute) or `ratio`
+    (relative) alone, the hand-set rule of earlier versions;
+  * the guard fires when any rule is breached for `patience` consecutive steps, or at once on
+    a non-finite loss/grad norm. No decision before `min_baseline_steps` healthy steps.
 """
 
 from __future__ import annotations
@@ -29,64 +34,12 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-DEGENERATE_METRIC = "degenerate/markup_density"
+from gazal_nemo.rl.guard_rules import GuardRule, default_rules
+
 LAST_GOOD_DIR = "last_good"
+PENDING_DIR = "last_good_pending"
 EVENTS_FILE = "guard_events.jsonl"
-MARKUP_CHARS = frozenset("*_#~`")
-
-
-def markup_density(text: str) -> float:
-    """Markdown marker characters over visible (non-space) characters; 0 for an empty text."""
-    visible = [ch for ch in text if not ch.isspace()]
-    return sum(ch in MARKUP_CHARS for ch in visible) / len(visible) if visible else 0.0
-
-
-@dataclass(kw_only=True)
-class GuardRule:
-    """One watched metric and how far it may move the bad way from the run's recent baseline."""
-
-    metric: str
-    """A logged GRPO metric (reward/<name>, completion_len_mean, entropy, degenerate/markup_density, ...)."""
-    bad: Literal["up", "down"]
-    """Which direction is unhealthy."""
-    min_change: float | None = None
-    """Breach when |smoothed - baseline| exceeds this in the bad direction (absolute units of the metric)."""
-    ratio: float | None = None
-    """Breach when smoothed < ratio x baseline (bad 'down') or > ratio x baseline (bad 'up'); for positive metrics."""
-
-    def __post_init__(self):
-        if self.bad not in ("up", "down"):
-            raise ValueError(f"grpo.guard.rules: {self.metric}: bad={self.bad!r}; allowed: 'up', 'down'")
-        if self.min_change is None and self.ratio is None:
-            raise ValueError(f"grpo.guard.rules: {self.metric}: set min_change or ratio")
-        if self.min_change is not None and not (self.min_change > 0 and math.isfinite(self.min_change)):
-            raise ValueError(f"grpo.guard.rules: {self.metric}: min_change={self.min_change}; allowed: finite > 0")
-        if self.ratio is not None and not (self.ratio > 0 and math.isfinite(self.ratio)):
-            raise ValueError(f"grpo.guard.rules: {self.metric}: ratio={self.ratio}; allowed: finite > 0")
-
-    def breached(self, smoothed: float, baseline: float) -> bool:
-        sign = 1.0 if self.bad == "up" else -1.0
-        if self.min_change is not None and sign * (smoothed - baseline) > self.min_change:
-            return True
-        if self.ratio is not None and baseline > 0:
-            return smoothed > self.ratio * baseline if self.bad == "up" else smoothed < self.ratio * baseline
-        return False
-
-
-def default_rules() -> list[GuardRule]:
-    """Rules that stay quiet on the demo's healthy run and fire on the paper's symptoms."""
-    return [
-        GuardRule(metric=DEGENERATE_METRIC, bad="up", min_change=0.08),
-        GuardRule(metric="reward/accuracy", bad="down", min_change=0.25),
-        GuardRule(metric="reward/format", bad="down", min_change=0.3),
-        GuardRule(metric="reward/repetition", bad="down", min_change=0.15),
-        GuardRule(metric="truncated_frac", bad="up", min_change=0.4),
-        GuardRule(metric="completion_len_mean", bad="down", ratio=0.35),
-        GuardRule(metric="entropy", bad="down", ratio=0.2),
-        GuardRule(metric="grad_norm", bad="up", ratio=20.0),
-    ]
 
 
 @dataclass(kw_only=True)
@@ -95,13 +48,19 @@ class GuardConfig:
 
     enabled: bool = True
     """Watch the run and roll back on a collapse; false behaves exactly as a run without the guard."""
+    false_alarm_rate: float = 1.0e-4
+    """Expected false rollbacks per healthy step, all rules together (1e-4: one per 10,000 steps); sets
+    the significance rules' thresholds."""
     window: int = 5
-    """Steps averaged into the smoothed value of each metric."""
+    """Steps averaged into the window mean of each metric."""
     baseline_window: int = 30
     """Healthy steps before the window that form the baseline."""
     min_baseline_steps: int = 10
     """Healthy steps needed before the guard decides anything."""
-    patience: int = 3
+    warmup_steps: int = 5
+    """First steps of the run that never join the baseline (the SFT model settling into RL sampling;
+    their spread would hide a later collapse)."""
+    patience: int = 2
     """Consecutive breached steps before a rollback."""
     max_rollbacks: int = 3
     """Rollbacks in one run before giving up with an error."""
@@ -110,17 +69,25 @@ class GuardConfig:
     watch_unrewarded: bool = False
     """Also watch reward components whose weight is 0 (a recipe that does not reward format lets it drift)."""
     rules: list[GuardRule] = field(default_factory=default_rules)
-    """What is watched and how far it may move; see default_rules()."""
+    """What is watched and how; see default_rules()."""
 
     def __post_init__(self):
         for key in ("window", "baseline_window", "min_baseline_steps", "patience", "max_rollbacks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"grpo.guard.{key}={getattr(self, key)}; allowed: integers >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"grpo.guard.warmup_steps={self.warmup_steps}; allowed: integers >= 0")
+        if self.min_baseline_steps < 2:
+            raise ValueError(f"grpo.guard.min_baseline_steps={self.min_baseline_steps}; allowed: integers >= 2 "
+                             "(a baseline's noise needs two steps)")
         if self.min_baseline_steps > self.baseline_window:
             raise ValueError(f"grpo.guard.min_baseline_steps={self.min_baseline_steps} must be <= "
                              f"grpo.guard.baseline_window={self.baseline_window}")
         if not (0 < self.lr_scale <= 1):
             raise ValueError(f"grpo.guard.lr_scale={self.lr_scale}; allowed: 0 < x <= 1")
+        if not (0 < self.false_alarm_rate < 0.5):
+            raise ValueError(f"grpo.guard.false_alarm_rate={self.false_alarm_rate}; allowed: 0 < x < 0.5 "
+                             "(false rollbacks per healthy step, e.g. 1e-4)")
         self.rules = [r if isinstance(r, GuardRule) else GuardRule(**r) for r in self.rules]
 
 
@@ -133,7 +100,7 @@ class Verdict:
     fire: bool
     """Roll back now."""
     reasons: list[str]
-    """Human-readable breaches, e.g. 'degenerate/markup_density 0.62 vs baseline 0.01 (up > 0.25)'."""
+    """Human-readable breaches, e.g. 'answers/letter_bias 0.62 vs baseline 0.08 (moved 0.54 up, noise allows 0.1)'."""
 
 
 class CollapseGuard:
@@ -144,21 +111,33 @@ class CollapseGuard:
         self.rules = rules
         self.recent: deque[dict] = deque(maxlen=config.window)
         self.baseline: deque[dict] = deque(maxlen=config.baseline_window)
+        self.suspect: deque[bool] = deque(maxlen=config.window)
+        """Per window step: it was in a breached window (it never joins the baseline, so the start
+        of a collapse cannot become the baseline it is judged against)."""
         self.breached_steps = 0
-        self.last_healthy = True
+        self.observed = 0
+        # Union bound: each significance rule gets an equal share of the false-alarm rate.
+        self.level = config.false_alarm_rate / max(1, sum(r.test == "significance" for r in rules))
+        self.keys = {r.metric for r in rules} | {r.trials for r in rules if r.trials}
 
     def observe(self, row: dict) -> Verdict:
-        values = {r.metric: float(row[r.metric]) for r in self.rules if r.metric in row}
         nonfinite = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(float(row[k]))]
         if nonfinite:
-            self.last_healthy = False
+            self.suspect = deque([True] * len(self.suspect), maxlen=self.config.window)
             return Verdict(healthy=False, fire=True, reasons=[f"{k} is {row[k]}" for k in nonfinite])
-        if len(self.recent) == self.recent.maxlen and self.last_healthy:
-            self.baseline.append(self.recent[0])  # leaves the window having been judged healthy
+        # A signal with no data this step (nothing answered, say) is absent, never NaN.
+        values = {k: float(row[k]) for k in self.keys if k in row and math.isfinite(float(row[k]))}
+        self.observed += 1
+        # The step leaving the window joins the baseline unless it was in a breach or in the warm-up.
+        leaving = self.observed - self.config.window
+        if len(self.recent) == self.recent.maxlen and not self.suspect[0] and leaving > self.config.warmup_steps:
+            self.baseline.append(self.recent[0])
         self.recent.append(values)
+        self.suspect.append(False)
         reasons = self._breaches()
         self.breached_steps = self.breached_steps + 1 if reasons else 0
-        self.last_healthy = not reasons
+        if reasons:
+            self.suspect = deque([True] * len(self.suspect), maxlen=self.config.window)
         fire = bool(reasons) and self.breached_steps >= self.config.patience
         return Verdict(healthy=not reasons, fire=fire, reasons=reasons)
 
@@ -169,12 +148,15 @@ class CollapseGuard:
         for rule in self.rules:
             now = [v[rule.metric] for v in self.recent if rule.metric in v]
             before = [v[rule.metric] for v in self.baseline if rule.metric in v]
-            if not now or not before:
+            if not now or len(before) < 2:
                 continue
-            smoothed, baseline = sum(now) / len(now), sum(before) / len(before)
-            if rule.breached(smoothed, baseline):
-                limit = f"{rule.bad} > {rule.min_change}" if rule.min_change is not None else f"x{rule.ratio}"
-                reasons.append(f"{rule.metric} {smoothed:.4g} vs baseline {baseline:.4g} ({limit})")
+            trials = None
+            if rule.trials:
+                counts = [v[rule.trials] for v in (*self.recent, *self.baseline) if v.get(rule.trials, 0) > 0]
+                trials = sum(counts) / len(counts) if counts else None
+            reason = rule.judge(now, before, level=self.level, trials=trials)
+            if reason:
+                reasons.append(reason)
         return reasons
 
 
@@ -198,8 +180,12 @@ class RollbackGuard:
     """What the training loop asks after every step (see training/loop.py):
 
       * observe(step, row) -> True when the run must roll back now;
-      * after_save(step, path): keep the checkpoint as "last good" (a hard-linked copy in
-        <checkpoint.dir>/last_good/, outside the keep_last rotation) if the run is healthy;
+      * after_save(step, path): keep a checkpoint taken while healthy (a hard-linked copy,
+        outside the keep_last rotation) as a candidate in <checkpoint.dir>/last_good_pending/;
+        it becomes "last good" (<checkpoint.dir>/last_good/) once the `window` steps after it
+        were judged without a breach, so a collapse that had begun but was not yet visible when
+        it was saved never becomes the rollback target (the run's first checkpoint is last good
+        at once, so a target exists);
       * rolled_back(from_step, to_step, scheduler): record it, skip the data of the steps
         in between, scale the learning rate; raises TrainingCollapsed past max_rollbacks;
       * data_step(step): the data position of a step (step + the skipped steps);
@@ -211,6 +197,8 @@ class RollbackGuard:
 
     def __init__(self, config: GuardConfig, rules: list[GuardRule], *, checkpoint_dir, events_dir,
                  saved_state: dict | None = None, history: list[dict] | None = None):
+        from gazal_nemo.training.checkpoint import checkpoint_step
+
         self.config, self.rules = config, rules
         self.checkpoint_dir, self.events_dir = Path(checkpoint_dir), Path(events_dir)
         saved = (saved_state or {}).get("guard", {})
@@ -218,33 +206,55 @@ class RollbackGuard:
         self.rollbacks = int(saved.get("rollbacks", 0))
         self.lr_scale = float(saved.get("lr_scale", 1.0))
         self.last_good = _pinned_checkpoint(self.checkpoint_dir / LAST_GOOD_DIR)
+        self.pending, self.pending_step = None, None
         self._replay(history or [])
+        pending = _pinned_checkpoint(self.checkpoint_dir / PENDING_DIR)
+        if pending is not None and history and checkpoint_step(pending) == int(history[-1]["step"]):
+            # The candidate pinned at the checkpoint this run resumes from; an older one was
+            # already promoted or dropped before the interruption.
+            self.pending, self.pending_step = pending, checkpoint_step(pending)
 
     def _replay(self, rows: list[dict]) -> None:
         self.rows: list[dict] = []
         self.detector = CollapseGuard(self.config, self.rules)
         self.last_verdict = Verdict(healthy=True, fire=False, reasons=[])
+        self.pending, self.pending_step = None, None
         for row in rows:
-            self.observe(int(row["step"]), row)
+            self._judge(int(row["step"]), row)
 
     def data_step(self, step: int) -> int:
         return step + self.data_offset
 
-    def observe(self, step: int, row: dict) -> bool:
+    def _judge(self, step: int, row: dict) -> Verdict:
         self.rows.append(dict(row, step=step))
         self.last_verdict = self.detector.observe(row)
-        return self.last_verdict.fire
+        return self.last_verdict
 
-    def after_save(self, step: int, path) -> None:
-        """Pin a checkpoint taken while healthy as last good (the first one even before the
-        guard can judge, so a rollback target exists; later ones only once it can)."""
-        from gazal_nemo.training.checkpoint import pin_checkpoint
-
+    def observe(self, step: int, row: dict) -> bool:
+        verdict = self._judge(step, row)
         # Decided from state every rank shares (never from the file system, which rank 0 writes):
         # pin_checkpoint is collective.
-        judged = len(self.detector.baseline) >= self.config.min_baseline_steps
-        if self.last_verdict.healthy and self.detector.breached_steps == 0 and (judged or self.last_good is None):
+        if self.pending is not None:
+            if step >= self.pending_step + self.config.window:  # this window holds only later steps
+                from gazal_nemo.training.checkpoint import pin_checkpoint
+
+                self.last_good = pin_checkpoint(self.pending, self.checkpoint_dir / LAST_GOOD_DIR)
+                self.pending = None
+            elif not verdict.healthy:  # a breached window that reaches back before the candidate
+                self.pending = None
+        return verdict.fire
+
+    def after_save(self, step: int, path) -> None:
+        """A checkpoint taken while healthy becomes the candidate (or last good at once, when
+        there is none yet)."""
+        from gazal_nemo.training.checkpoint import pin_checkpoint
+
+        if not (self.last_verdict.healthy and self.detector.breached_steps == 0):
+            return
+        if self.last_good is None:
             self.last_good = pin_checkpoint(path, self.checkpoint_dir / LAST_GOOD_DIR)
+        else:
+            self.pending, self.pending_step = pin_checkpoint(path, self.checkpoint_dir / PENDING_DIR), step
 
     def rolled_back(self, from_step: int, to_step: int, scheduler) -> None:
         reasons = self.last_verdict.reasons

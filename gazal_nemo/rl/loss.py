@@ -7,11 +7,20 @@ the clipped PPO surrogate with asymmetric "clip-higher" bounds [1 - eps_low, 1 +
 beta > 0 adds the k3 estimator of KL(pi_theta || pi_ref) (Schulman 2020) per token, and
 the normalisation can be the original per-sequence mean.
 
-When the sampler is not the trainer (vLLM: other kernels, other numerics), the tokens were
-drawn from pi_sampler, not pi_old: truncated importance sampling (Yao et al. 2025, "Your
-efficient RL framework secretly brings you off-policy RL training"; verl/NeMo-RL "tis")
-weights each token by min(pi_old / pi_sampler, C), detached, so a token the sampler
-over-drew pulls the gradient less and the weight can never explode.
+When the sampler is not the trainer (vLLM: other kernels, other numerics; or asynchronous
+rollouts, where the samples come from older weights), the tokens were drawn from pi_sampler,
+not pi_old. Two corrections, each optional, both detached:
+  * truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; verl/NeMo-RL "tis") weights each token by
+    min(pi_old / pi_sampler, C), so a token the sampler over-drew pulls the gradient less
+    and the weight can never explode;
+  * sequence masking (verl's rollout_corr "mis") drops a completion whose geometric-mean
+    ratio exp(mean_t log(pi_old / pi_sampler)) leaves [1/M, M]: a sample too far off-policy
+    to correct token by token.
+With pi_old the trainer's current weights (the proximal policy) and pi_sampler the
+generator's (the behaviour policy), this is AReaL's decoupled PPO objective. Whenever the
+sampler's log-probs are given, the sampler-trainer KL is logged (k3 estimate of
+KL(pi_sampler || pi_old) on the sampled tokens).
 
 Shapes: B completions, T completion positions (prompt tokens are not in these tensors).
 """
@@ -97,13 +106,18 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     adv = advantages.detach().float().unsqueeze(-1)  # [B, 1]
     clipped_ratio = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
-    tis_weight = None
-    if config.tis_cap is not None:
-        if sampler_logprobs is None:
-            raise ValueError("grpo.loss.tis_cap is set but the rollout engine gave no sampler log-probs")
+    tis_weight, sequence_kept, sampler_log_ratio = None, None, None
+    if (config.tis_cap is not None or config.mis_threshold is not None) and sampler_logprobs is None:
+        raise ValueError("grpo.loss.tis_cap / mis_threshold is set but the rollout engine gave no sampler log-probs")
+    if sampler_logprobs is not None:
         sampler_log_ratio = torch.where(mask, old_logprobs.detach() - sampler_logprobs.detach(), 0.0)
+    if config.tis_cap is not None:
         tis_weight = sampler_log_ratio.clamp(max=math.log(config.tis_cap)).exp()
         per_token = per_token * tis_weight
+    if config.mis_threshold is not None:
+        mean_log_ratio = sampler_log_ratio.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # [B]
+        sequence_kept = mean_log_ratio.abs() <= math.log(config.mis_threshold)
+        per_token = per_token * sequence_kept.unsqueeze(-1)
     kl_ref = None
     if config.beta > 0:
         ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)
@@ -125,6 +139,11 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
         if tis_weight is not None:
             metrics["tis_weight_mean"] = _masked_mean(tis_weight, mask)
             metrics["tis_capped_frac"] = _masked_mean(tis_weight >= config.tis_cap * (1 - 1e-6), mask)
+        if sequence_kept is not None:
+            metrics["mis_masked_frac"] = _masked_mean(~sequence_kept.unsqueeze(-1).expand_as(mask), mask)
+        if sampler_log_ratio is not None:
+            metrics["kl_sampler"] = _masked_mean(_k3(sampler_log_ratio.clamp(-_MAX_KL_LOG_RATIO, _MAX_KL_LOG_RATIO)),
+                                                 mask)
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, mask)
     return loss, metrics

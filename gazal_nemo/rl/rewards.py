@@ -11,11 +11,10 @@ and one odd completion must not end a multi-day run. Each reward is logged on it
 (one value per completion, i.e. one row per completion, empty ones included) and the
 weighted total feeds the group-relative advantages.
 
-The answer is the LAST \\boxed{...} of the completion and only a letter among the
-question's options counts: hedging with several boxed letters, one box naming several
-options (`\\boxed{A or B}`) or boxing a letter that is not an option earns nothing. With
-a think block, only a box after `</think>` is an answer: a letter boxed inside the
-reasoning (or before it) is not the final answer the paper's format asks for.
+The answer, and the accuracy reward that checks it, belong to the task
+(gazal_nemo.tasks.mcq: the last boxed option letter after `</think>`), so training and
+evaluation score it the same way; this module adds the shaping rewards (format, cosine
+length, repetition, overlong) and combines them.
 
 Cheap wins closed by default, each a switch in RewardConfig (docs/GRPO.md): a token of
 "reasoning" (`<think>.</think>a \\boxed{A}`) no longer passes the format reward; with
@@ -37,17 +36,19 @@ from dataclasses import dataclass
 import torch
 
 from gazal_nemo.rl.config import RewardConfig
+from gazal_nemo.tasks.mcq import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    accuracy_reward,
+    boxed_spans,
+    is_correct,
+    letter_in_box,
+    normalise_letters,
+)
 
 RewardFn = Callable[..., float]
 REWARD_KWARGS = ("completion", "num_tokens", "gold_letter", "option_letters", "truncated")
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_BOXED = re.compile(r"\\boxed\s*\{")
-_BRACE = re.compile(r"[{}]")
-# Wrappers a model puts around the letter inside \boxed{...}: \text{B}, \textbf{B}, \mathrm{B}.
-_WRAPPER = re.compile(r"^\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|bf|rm)\s*\{(.*)\}$", re.S)
-# "B", "(B)", "B.", "B)", "B: aspirin", "B. Aspirin" -> B
-_LETTER = re.compile(r"^\(?([A-Za-z])(?:\s*[.):]\s*.*)?\)?$", re.S)
 # What may follow the final box in a well-formatted answer: spaces, punctuation, markdown.
 _AFTER_FINAL_BOX = re.compile(r"^[\s.,;:!*_`$)\]]*$")
 
@@ -68,113 +69,7 @@ class RewardInput:
         return {name: getattr(self, name) for name in REWARD_KWARGS}
 
 
-# --- answer extraction -------------------------------------------------------------------
-
-
-def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
-    """(start, content_start, end) of every closed \\boxed{...}, in order of start.
-
-    Braces are matched (so \\boxed{\\text{B}} works) in one pass over the text: a
-    completion full of unclosed boxes must not cost quadratic time.
-    """
-    openers = {match.end() - 1: match.start() for match in _BOXED.finditer(text)}
-    if not openers:
-        return []
-    spans, stack = [], []
-    for brace in _BRACE.finditer(text, min(openers)):
-        if brace.group() == "{":
-            stack.append(brace.start())
-        elif stack:
-            open_pos = stack.pop()
-            if open_pos in openers:
-                spans.append((openers[open_pos], open_pos + 1, brace.end()))
-    return sorted(spans)
-
-
-# Another option letter standing alone, joined by "or"/"and"/","/"/" ("A or B", "A, C").
-_JOINED_LETTER = re.compile(r"(?:\b(?:or|and)\s+|[,/]\s*)\(?([A-Za-z])\b\)?", re.I)
-_LONE_CAPITAL = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
-
-
-def _names_several_options(rest: str, options: set[str]) -> bool:
-    """True when the text after a box's letter names further options ("or B", "B C D").
-
-    One lone capital is allowed ("B. Vitamin A deficiency" names vitamin A, not option A);
-    two or more, or one joined to the first by or/and/comma/slash, is a hedge.
-    """
-    lone = [letter for letter in _LONE_CAPITAL.findall(rest) if letter in options]
-    joined = [m.group(1).upper() for m in _JOINED_LETTER.finditer(rest) if m.group(1).upper() in options]
-    return len(lone) >= 2 or bool(joined)
-
-
-def _letter_of(content: str, options: set[str] | None = None) -> str | None:
-    """The single option letter written inside a box, or None (also when it names several)."""
-    inner = content.strip().strip("$").strip()
-    for _ in range(4):  # \textbf{\text{B}} nests at most a few levels in practice
-        unwrapped = _WRAPPER.match(inner)
-        if unwrapped is None:
-            break
-        inner = unwrapped.group(1).strip()
-    if inner.startswith("{") and inner.endswith("}"):
-        inner = inner[1:-1].strip()
-    match = _LETTER.match(inner)
-    if match is None:
-        return None
-    rest = inner[match.end(1):]
-    if options is not None and _names_several_options(rest, options):
-        return None
-    return match.group(1).upper()
-
-
-def _normalise_letters(option_letters: Sequence[str]) -> set[str]:
-    return {str(letter).strip().upper() for letter in option_letters}
-
-
-def extract_answer_letter(completion: str, option_letters: Sequence[str]) -> str | None:
-    """Letter in the LAST \\boxed{...} if it is one of the options; None otherwise."""
-    spans = _boxed_spans(completion)
-    if not spans:
-        return None
-    _, content_start, end = spans[-1]
-    options = _normalise_letters(option_letters)
-    letter = _letter_of(completion[content_start:end - 1], options)
-    return letter if letter in options else None
-
-
-def answer_text(completion: str) -> str:
-    """The part of a completion that may hold the final answer: after the last `</think>`.
-
-    A completion that opens a think block and never closes it has no answer yet (it was
-    cut mid-thought); one without think tags is all answer (models that do not think).
-    """
-    close = completion.rfind(THINK_CLOSE)
-    if close >= 0:
-        return completion[close + len(THINK_CLOSE):]
-    return "" if THINK_OPEN in completion else completion
-
-
-def final_answer_letter(completion: str, option_letters: Sequence[str]) -> str | None:
-    """The answer the rewards and evaluation score: the last boxed option after the reasoning."""
-    return extract_answer_letter(answer_text(completion), option_letters)
-
-
-def _is_correct(completion: str, gold_letter: str, option_letters: Sequence[str]) -> bool:
-    letter = final_answer_letter(completion, option_letters)
-    return letter is not None and letter == str(gold_letter).strip().upper()
-
-
 # --- built-in rewards --------------------------------------------------------------------
-
-
-def accuracy_reward(*, completion: str, num_tokens: int, gold_letter: str,
-                    option_letters: Sequence[str], truncated: bool, truncated_unanswered: bool = True) -> float:
-    """+1 when the final boxed letter is the gold option, else 0 (paper Table 1).
-
-    truncated_unanswered: a completion cut at the length limit has not answered (0).
-    """
-    if truncated and truncated_unanswered:
-        return 0.0
-    return 1.0 if _is_correct(completion, gold_letter, option_letters) else 0.0
 
 
 def _num_words(text: str) -> int:
@@ -200,7 +95,7 @@ def format_reward(*, completion: str, num_tokens: int, gold_letter: str,
     thinking, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
     if not thinking.strip() or _num_words(thinking) < min_think_words:
         return 0.0
-    spans = _boxed_spans(answer)
+    spans = boxed_spans(answer)
     if len(spans) != 1 or answer.count("\\boxed") != 1:
         return 0.0
     start, content_start, end = spans[0]
@@ -210,8 +105,8 @@ def format_reward(*, completion: str, num_tokens: int, gold_letter: str,
         return 0.0
     if not _AFTER_FINAL_BOX.match(answer[end:]):
         return 0.0
-    options = _normalise_letters(option_letters)
-    return 1.0 if _letter_of(content, options) in options else 0.0
+    options = normalise_letters(option_letters)
+    return 1.0 if letter_in_box(content, options) in options else 0.0
 
 
 def _cosine(progress: float, start: float, end: float) -> float:
@@ -242,7 +137,7 @@ def cosine_length_reward(*, completion: str, num_tokens: int, gold_letter: str,
     progress = 1.0 if num_tokens >= max_length else max(num_tokens, 0) / max_length
     if not math.isfinite(progress):
         progress = 1.0
-    correct = _is_correct(completion, gold_letter, option_letters)
+    correct = is_correct(completion, gold_letter, option_letters)
     if correct and require_format:
         correct = format_reward(completion=completion, num_tokens=num_tokens, gold_letter=gold_letter,
                                 option_letters=option_letters, truncated=False) == 1.0
@@ -259,7 +154,7 @@ def repetition_penalty_reward(*, completion: str, num_tokens: int, gold_letter: 
     0 for text with fewer than ngram_size words; max_penalty when one n-gram fills the text.
     """
     if max_penalty > 0:
-        raise ValueError(f"rewards.repetition_max_penalty={max_penalty}; allowed: numbers <= 0")
+        raise ValueError(f"grpo.rewards.repetition_max_penalty={max_penalty}; allowed: numbers <= 0")
     words = completion.lower().split()
     total = len(words) - ngram_size + 1
     if total <= 0 or max_penalty == 0:
@@ -288,22 +183,22 @@ def load_reward_fn(import_path: str) -> RewardFn:
     """Import 'package.module:function' and check it takes the reward keywords; ValueError if not."""
     module_name, sep, attr = import_path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"rewards.plugins: {import_path!r} must look like 'package.module:function'")
+        raise ValueError(f"grpo.rewards.plugins: {import_path!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the same user mistake
-        raise ValueError(f"rewards.plugins: cannot import module {module_name!r} of {import_path!r}: {e}") from e
+        raise ValueError(f"grpo.rewards.plugins: cannot import module {module_name!r} of {import_path!r}: {e}") from e
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise ValueError(f"rewards.plugins: {import_path!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"grpo.rewards.plugins: {import_path!r}: module {module_name!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise ValueError(f"rewards.plugins: {import_path!r} is a {type(fn).__name__}, not a callable")
+        raise ValueError(f"grpo.rewards.plugins: {import_path!r} is a {type(fn).__name__}, not a callable")
     try:
         inspect.signature(fn).bind(**{name: None for name in REWARD_KWARGS})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"rewards.plugins: {import_path!r} must accept keyword arguments "
+        raise ValueError(f"grpo.rewards.plugins: {import_path!r} must accept keyword arguments "
                          f"{', '.join(REWARD_KWARGS)}: {e}") from None
     return fn
 
@@ -375,10 +270,10 @@ def score_completions(samples: Sequence[RewardInput], rewards: Sequence[NamedRew
     still computed and logged ungated.
     """
     if combine not in ("sum", "gated"):
-        raise ValueError(f"rewards.combine={combine!r}; allowed: 'sum', 'gated'")
+        raise ValueError(f"grpo.rewards.combine={combine!r}; allowed: 'sum', 'gated'")
     names = [r.name for r in rewards]
     if combine == "gated" and not {"accuracy", "format"} <= set(names):
-        raise ValueError("rewards.combine='gated' needs both the 'accuracy' and 'format' rewards")
+        raise ValueError("grpo.rewards.combine='gated' needs both the 'accuracy' and 'format' rewards")
     values = {r.name: [_call(r, s, row) for row, s in enumerate(samples)] for r in rewards}
     per_reward = {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
     total = torch.zeros(len(samples), dtype=torch.float32)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from gazal_nemo.inference.protocol import Completion, SamplingSettings
 from gazal_nemo.rl.advantages import GroupAdvantages, group_advantages
 from gazal_nemo.rl.rewards import RewardScores, reward_inputs, score_completions
-from gazal_nemo.rl.rollout import Completion
 
 
 @dataclass
@@ -62,8 +62,7 @@ def select_groups(batch: ScoredGroups, keep: Sequence[int], num_generations: int
     for new_group, g in enumerate(keep):
         for i in range(num_generations):
             c = batch.completions[g * num_generations + i]
-            completions.append(Completion(prompt_index=new_group, tokens=c.tokens, truncated=c.truncated,
-                                          logprobs=c.logprobs))
+            completions.append(replace(c, prompt_index=new_group))
     scores = RewardScores(total=batch.scores.total[index],
                           per_reward={k: v[index] for k, v in batch.scores.per_reward.items()})
     adv = batch.advantages
@@ -80,8 +79,7 @@ def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
     prompts, completions, offset = [], [], 0
     for part in parts:
         for c in part.completions:
-            completions.append(Completion(prompt_index=c.prompt_index + offset, tokens=c.tokens,
-                                          truncated=c.truncated, logprobs=c.logprobs))
+            completions.append(replace(c, prompt_index=c.prompt_index + offset))
         prompts += part.prompts
         offset += part.num_groups
     names = parts[0].scores.per_reward.keys()
@@ -101,8 +99,9 @@ def generate_and_score(engine, prompts: list, *, seed: int, grpo, rewards, decod
     sampling = grpo.sampling
     repeated = [p.prompt_ids for p in prompts for _ in range(sampling.num_generations)]
     start = time.time()
-    completions = engine.generate(repeated, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                  top_k=sampling.top_k, top_p=sampling.top_p, seed=seed)
+    completions = engine.generate(repeated, SamplingSettings(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, seed=seed))
     gen_time = time.time() - start
     for c in completions:  # generate() saw each prompt repeated; point back at the prompt
         c.prompt_index //= sampling.num_generations
@@ -139,4 +138,72 @@ def fill_with_informative_groups(first: ScoredGroups, draw_round: Callable[[int]
     parts.append(select_groups(first, filled, num_generations))
     batch = concat_groups([p for p in parts if p.num_groups])
     batch.stats = {"rounds": rounds, "dropped_groups": dropped, "filled_groups": len(filled)}
+    return batch
+
+
+def scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompts, dp_rank, decode, part: int = 0):
+    """Rollout batch `index` of this data-parallel rank (or its `part`-th piece, when several
+    generator replicas share one rank's prompts), scored; with dynamic sampling, refilled.
+
+    Its `stats` hold the logged metrics, measured on the first round (an unbiased sample of the
+    policy) plus the dynamic-sampling counts, as (sum, count) pairs that add up over pieces.
+    """
+    from gazal_nemo.rl.guard_signals import batch_signals, option_letters_of
+
+    grpo, seed_base = recipe.grpo, recipe.train.seed
+    # Same seed on the ranks of one TP group, different across data-parallel ranks and pieces.
+    seed = seed_base * 1_000_003 + index * 1009 + dp_rank + part * 7_919_993
+    first = generate_and_score(engine, batch_prompts, seed=seed, grpo=grpo, rewards=rewards, decode=decode)
+    stats = rollout_metrics(first.scores, first.advantages, [len(c.tokens) for c in first.completions],
+                             [c.truncated for c in first.completions], first.gen_time_s)
+    stats.update(batch_signals(first, grpo, option_letters_of(all_prompts)))  # what the collapse guard watches
+    if not grpo.dynamic_sampling.enabled:
+        first.stats = stats
+        return first
+    share = len(batch_prompts)
+
+    def draw_round(round_index: int):
+        order = torch.randperm(len(all_prompts), generator=torch.Generator().manual_seed(
+            seed_base * 7919 + index * 131 + round_index)).tolist()
+        picked = [all_prompts[i] for i in order[dp_rank * share:(dp_rank + 1) * share]]
+        return generate_and_score(engine, picked, seed=seed + 100_003 * round_index, grpo=grpo, rewards=rewards,
+                                  decode=decode)
+
+    batch = fill_with_informative_groups(first, draw_round, num_generations=grpo.sampling.num_generations,
+                                         max_rounds=grpo.dynamic_sampling.max_rounds)
+    stats["dynamic/rounds"] = (float(batch.stats["rounds"]), 1.0)
+    stats["dynamic/dropped_groups"] = (float(batch.stats["dropped_groups"]), 1.0)
+    stats["dynamic/filled_groups"] = (float(batch.stats["filled_groups"]), 1.0)
+    stats["dynamic/trained_zero_adv_groups"] = (float(batch.advantages.num_zero_std_groups), 1.0)
+    batch.stats = stats
+    return batch
+
+
+def rollout_metrics(scores, adv, lengths, truncated, gen_time) -> dict:
+    """Sums and counts (reduced over data-parallel ranks before logging)."""
+    n = float(len(lengths))
+    out = {f"reward/{name}": (float(v.sum()), n) for name, v in scores.per_reward.items()}
+    out["reward/total"] = (float(scores.total.sum()), n)
+    out["completion_len_mean"] = (float(sum(lengths)), n)
+    out["truncated_frac"] = (float(sum(truncated)), n)
+    out["zero_adv_groups"] = (float(adv.num_zero_std_groups), 1.0)
+    out["completion_len_max"] = (float(max(lengths) if lengths else 0), -1.0)  # -1: reduce by max
+    out["gen_tokens_per_s"] = (float(sum(lengths)) / max(gen_time, 1e-9), 1.0)
+    return out
+
+
+def merge_pieces(pieces: Sequence[ScoredGroups]) -> ScoredGroups:
+    """One data-parallel rank's batch from the pieces generator replicas made of it, in order:
+    groups concatenated, (sum, count) stats added, (value, -1) stats (maxima) kept at their max."""
+    batch = concat_groups(pieces)
+    stats: dict = {}
+    for piece in pieces:
+        for key, (value, count) in piece.stats.items():
+            if key not in stats:
+                stats[key] = (value, count)
+            elif count < 0:
+                stats[key] = (max(stats[key][0], value), count)
+            else:
+                stats[key] = (stats[key][0] + value, stats[key][1] + count)
+    batch.stats = stats
     return batch

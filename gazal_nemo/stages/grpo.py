@@ -26,10 +26,17 @@ import torch.distributed as dist
 
 from gazal_nemo.config_io import to_dict
 from gazal_nemo.eval.in_training import training_eval_hook
-from gazal_nemo.rl.stopping import completion_text, stop_token_ids
+from gazal_nemo.inference.stopping import completion_text, stop_token_ids
+from gazal_nemo.rl.rollout_batch import scored_rollout
+from gazal_nemo.rl.rollout_plan import RolloutPlan, push_probe
 from gazal_nemo.training.loop import maybe_resume, train_loop
 from gazal_nemo.training.metrics import MetricsLogger
-from gazal_nemo.training.model_setup import adapter_norm_refresh, build_train_model, unwrap
+from gazal_nemo.training.model_setup import (
+    adapter_norm_refresh,
+    build_train_model,
+    finish_param_gather,
+    unwrap,
+)
 from gazal_nemo.training.optim import build_optimizer, build_scheduler
 
 
@@ -74,8 +81,8 @@ def train_filters(sampling) -> tuple[int, float]:
 
 def make_forward_step(recipe):
     """megatron forward-step: logits -> filtered log-probs -> clipped surrogate loss."""
+    from gazal_nemo.inference.sampling import vocab_parallel_token_entropy, vocab_parallel_token_logprobs
     from gazal_nemo.rl.loss import grpo_loss
-    from gazal_nemo.rl.sampling import vocab_parallel_token_entropy, vocab_parallel_token_logprobs
 
     sampling, loss_cfg = recipe.grpo.sampling, recipe.grpo.loss
 
@@ -104,7 +111,7 @@ def make_forward_step(recipe):
                 advantages=batch["advantages"].to(device), completion_mask=mask,
                 truncated=batch["truncated"].to(device), config=loss_cfg, num_global_tokens=1, entropy=entropy,
                 ref_logprobs=optional("ref_logprobs"),
-                sampler_logprobs=optional("sampler_logprobs") if loss_cfg.tis_cap is not None else None,
+                sampler_logprobs=optional("sampler_logprobs"),
             )
             return _megatron_loss(loss, metrics, mask, loss_cfg.normalisation)
 
@@ -127,7 +134,7 @@ def _megatron_loss(loss, metrics, mask, normalisation):
         value, count = loss * sequences.clamp(min=1), sequences.to(torch.int)
     report = {"loss": torch.stack([loss.detach().float(), torch.ones(())])}
     for key in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy", "kl_ref", "tis_weight_mean",
-                "tis_capped_frac"):
+                "tis_capped_frac", "mis_masked_frac", "kl_sampler"):
         if key in metrics:
             report[key] = torch.stack([metrics[key] * tokens, tokens])
     return value, count, report
@@ -143,7 +150,7 @@ def reference_logprobs(reference, microbatches: list[dict], sampling, *, micro_b
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from gazal_nemo.rl.sampling import vocab_parallel_token_logprobs
+    from gazal_nemo.inference.sampling import vocab_parallel_token_logprobs
 
     collected = []
 
@@ -195,13 +202,16 @@ def make_reference(recipe, tm, adapter_cfg):
     return frozen_copy
 
 
-def run_grpo(recipe, shape) -> dict:
+def run_grpo(recipe, shape, *, bridge=None) -> dict:
+    """The GRPO stage on this trainer rank; `bridge` (rl/async_bridge.py) when the rollouts come
+    from generator ranks (grpo.rollout.mode=async), else the policy engine is built here."""
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
-    from gazal_nemo.data.mcq import load_mcq_prompts
+    from gazal_nemo.inference.registry import PolicyContext, build_policy_engine
     from gazal_nemo.rl.rewards import build_rewards
-    from gazal_nemo.rl.rollout import MegatronRolloutEngine
+    from gazal_nemo.rl.rollout_log import RolloutLog, TrainedPromptsLog
+    from gazal_nemo.tasks.mcq import load_mcq_prompts
 
     grpo, train = recipe.grpo, recipe.train
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
@@ -215,18 +225,8 @@ def run_grpo(recipe, shape) -> dict:
         raise ValueError(f"grpo.prompts_per_step={grpo.prompts_per_step} must divide by data-parallel size {dp_size}")
     # A rollout batch feeds steps_per_generation slices of prompts_per_step prompts, each trained
     # num_iterations times: one generation per `steps_per_batch` optimizer steps.
-    steps_per_batch = grpo.num_iterations * grpo.steps_per_generation
-    prompts_per_batch = grpo.prompts_per_step * grpo.steps_per_generation
-    batches_per_epoch = len(prompts) // prompts_per_batch
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(prompts)} prompts, fewer than grpo.prompts_per_step x grpo.steps_per_generation = "
-                         f"{prompts_per_batch}")
-    total_steps = batches_per_epoch * steps_per_batch * train.epochs
-    if train.max_steps is not None:
-        total_steps = min(total_steps, train.max_steps)
-    per_rank = prompts_per_batch // dp_size
-    order_gen = torch.Generator().manual_seed(train.seed)
-    orders = [torch.randperm(len(prompts), generator=order_gen).tolist() for _ in range(train.epochs)]
+    plan = RolloutPlan.build(prompts, grpo, train, dp_size=dp_size)
+    steps_per_batch, total_steps = plan.steps_per_batch, plan.total_steps(train)
 
     adapter_cfg = recipe.adapter if grpo.train_adapter else None
     if grpo.train_adapter and adapter_cfg is None:
@@ -239,25 +239,53 @@ def run_grpo(recipe, shape) -> dict:
     tm.config.variable_seq_lengths = True  # micro-batches are as long as their longest completion
     reference = make_reference(recipe, tm, adapter_cfg)
     stop_ids = stop_token_ids(tokenizer)
-    engine = MegatronRolloutEngine(unwrap(tm.chunks[0]), stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                   max_batch_size=grpo.rollout.max_batch_size,
-                                   use_kv_cache=grpo.rollout.engine != "torch")
-    if grpo.rollout.engine == "vllm":
-        from gazal_nemo.rl.vllm_engine import VLLMRolloutEngine
+    policy = unwrap(tm.chunks[0])
+    probe = push_probe(prompts[0].prompt_ids, tokenizer, stop_ids, multiple_of=recipe.parallel.tp)
+    engine, rollouts = None, None
+    if bridge is None:
+        engine = build_policy_engine(grpo.rollout.engine, PolicyContext(
+            model=policy, shape=tm.shape, hf_dir=recipe.model.hf_path, tp=recipe.parallel.tp, dp=dp_size,
+            dtype=recipe.precision.dtype, seed=train.seed, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
+            max_model_len=grpo.data.max_prompt_length + grpo.sampling.max_new_tokens, probe=probe), grpo.rollout)
+    else:
+        from gazal_nemo.stages.grpo_async import AsyncRollouts, pieces_per_share
 
-        engine = VLLMRolloutEngine.from_recipe(recipe, unwrap(tm.chunks[0]), shape, stop_ids)
+        replicas = grpo.rollout.generator_ranks // grpo.rollout.generator_tp
+        rollouts = AsyncRollouts(bridge=bridge, chunks=tm.chunks, policy=policy, shape=tm.shape, probe=probe,
+                                 bucket_bytes=grpo.rollout.vllm.weight_sync_bucket_mb << 20,
+                                 max_staleness=grpo.rollout.max_staleness, dp_rank=dp_rank,
+                                 data_index=lambda step: guard.data_step(step) if guard is not None else step,
+                                 pieces=pieces_per_share(replicas, dp_size))
+    rollout_log = RolloutLog(recipe.logging.dir, every=grpo.log_rollouts_every, groups=grpo.log_rollouts_groups,
+                             enabled=dist.get_rank() == 0, resume_step=start_step)
+    trained_log = TrainedPromptsLog(recipe.logging.dir, enabled=dist.get_rank() == 0, resume_step=start_step)
     step_metrics: dict = {}
     current: dict = {}  # the rollout batch in use: its index and its per-slice micro-batches
 
-    def rollout_slices(index: int) -> list[list[dict]]:
-        epoch, within = divmod(index, batches_per_epoch)
-        epoch %= len(orders)  # data skipped by rollbacks can run past the last epoch: wrap
-        start = within * prompts_per_batch + dp_rank * per_rank
-        scored = _scored_rollout(engine, [prompts[i] for i in orders[epoch][start:start + per_rank]], index=index,
-                                 recipe=recipe, rewards=rewards, all_prompts=prompts, dp_rank=dp_rank,
-                                 decode=lambda tokens: completion_text(tokenizer, tokens, stop_ids))
+    def sync_policy(step: int) -> dict:
+        """The engine generates with the weights after `step` optimizer steps (a push for vLLM)."""
+        if engine.policy_version == step:
+            return {}
+        finish_param_gather(tm.chunks)  # a push reads every parameter: none may be mid-gather
+        return {key: (value, 1.0) for key, value in engine.sync_weights(step).metrics().items()}
+
+    def rollout_slices(index: int, step: int) -> list[list[dict]]:
+        if rollouts is None:
+            pushed = sync_policy(step)
+            scored = scored_rollout(engine, plan.share(index, dp_rank), index=index, recipe=recipe, rewards=rewards,
+                                     all_prompts=prompts, dp_rank=dp_rank,
+                                     decode=lambda tokens: completion_text(tokenizer, tokens, stop_ids))
+            engine.release_memory()  # the trainer's turn
+        else:
+            scored, pushed = rollouts.batch(step)
+            pushed.update(_staleness_counts(scored, step, grpo.rollout.max_staleness))
         step_metrics.clear()
-        step_metrics.update(scored.stats)
+        step_metrics.update(scored.stats, **pushed)
+        step_metrics["samples/prompt_too_long"] = (float(_count_prompts_too_long(scored)), 1.0)
+        if dp_rank == 0:
+            rollout_log.maybe_write(step + 1, scored)
+        trained_log.write(step + 1, [getattr(p, "row", None) for p in scored.prompts],
+                          group=ps.get_data_parallel_group(with_context_parallel=True))
         slices = _split_microbatches(scored, grpo.steps_per_generation, grpo.sampling.num_generations,
                                      micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_token_id)
         every = [mb for microbatches in slices for mb in microbatches]
@@ -274,7 +302,7 @@ def run_grpo(recipe, shape) -> dict:
             if within and dist.get_rank() == 0:
                 print(f"grpo: resumed inside rollout batch {index}: regenerating it with the current policy "
                       f"for its remaining {steps_per_batch - within} step(s)", flush=True)
-            current.update(index=index, slices=rollout_slices(index))
+            current.update(index=index, slices=rollout_slices(index, step))
         return current["slices"][within % grpo.steps_per_generation]
 
     logger = MetricsLogger(recipe.logging.dir, total_steps=total_steps, tensorboard=recipe.logging.tensorboard,
@@ -284,23 +312,29 @@ def run_grpo(recipe, shape) -> dict:
     if adapter_cfg is not None:
         after_step = adapter_norm_refresh(tm.chunks)
         after_step()
-    result = train_loop(
-        chunks=tm.chunks, config=tm.config, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
-        microbatches_for_step=microbatches_for_step, forward_step=make_forward_step(recipe),
-        seq_length=train.seq_length, micro_batch_size=train.micro_batch_size, ckpt_cfg=recipe.checkpoint,
-        logger=logger, recipe_dict=to_dict(recipe), start_step=start_step, log_every=recipe.logging.log_every,
-        stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
-        tokens_for_step=lambda mbs: sum(int(mb["input_ids"].numel()) for mb in mbs) * dp_size,
-        after_step=after_step, extra_metrics=lambda: _global_means(step_metrics), guard=guard,
-        evaluate=training_eval_hook(recipe.eval_during_training, model=unwrap(tm.chunks[0]), tokenizer=tokenizer,
-                                    total_steps=total_steps),
-    )
-    logger.close()
-    if recipe.export_dir and result.last_step == total_steps:
-        from gazal_nemo.stages.export import export_trained_model
+    try:
+        result = train_loop(
+            chunks=tm.chunks, config=tm.config, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+            microbatches_for_step=microbatches_for_step, forward_step=make_forward_step(recipe),
+            seq_length=train.seq_length, micro_batch_size=train.micro_batch_size, ckpt_cfg=recipe.checkpoint,
+            logger=logger, recipe_dict=to_dict(recipe), start_step=start_step, log_every=recipe.logging.log_every,
+            stop_after=None if train.stop_at_step is None else max(train.stop_at_step - start_step, 0),
+            tokens_for_step=lambda mbs: sum(int(mb["input_ids"].numel()) for mb in mbs) * dp_size,
+            after_step=after_step, extra_metrics=lambda: _global_means(step_metrics), guard=guard,
+            evaluate=training_eval_hook(recipe.eval_during_training, model=policy, tokenizer=tokenizer,
+                                        total_steps=total_steps, engine=engine,
+                                        before_generate=sync_policy if engine is not None else None),
+        )
+        logger.close()
+        rollout_log.close()
+        trained_log.close()
+        if recipe.export_dir and result.last_step == total_steps:
+            from gazal_nemo.stages.export import export_trained_model
 
-        export_trained_model(recipe, shape, tm.chunks)
-    return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by}
+            export_trained_model(recipe, shape, tm.chunks)
+    finally:
+        (engine or rollouts).close()
+    return {"history": result.history, "total_steps": total_steps, "stopped_by": result.stopped_by, "last_step": result.last_step}
 
 
 def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler, rewards):
@@ -322,44 +356,6 @@ def _build_guard(recipe, resumed_state: dict, start_step: int, scheduler, reward
                           events_dir=recipe.logging.dir, saved_state=resumed_state, history=history[0])
     apply_lr_scale(scheduler, guard.lr_scale)  # scales from earlier rollbacks of this run
     return guard
-
-
-def _scored_rollout(engine, batch_prompts, *, index, recipe, rewards, all_prompts, dp_rank, decode):
-    """Rollout batch `index` of this data-parallel rank, scored; with dynamic sampling, refilled.
-
-    Its `stats` hold the logged metrics, measured on the first round (an unbiased sample of the
-    policy) plus the dynamic-sampling counts.
-    """
-    from gazal_nemo.rl.guard import DEGENERATE_METRIC, markup_density
-    from gazal_nemo.rl.rollout_batch import fill_with_informative_groups, generate_and_score
-
-    grpo, seed_base = recipe.grpo, recipe.train.seed
-    # Same seed on the ranks of one TP group, different across data-parallel ranks.
-    seed = seed_base * 1_000_003 + index * 1009 + dp_rank
-    first = generate_and_score(engine, batch_prompts, seed=seed, grpo=grpo, rewards=rewards, decode=decode)
-    stats = _rollout_metrics(first.scores, first.advantages, [len(c.tokens) for c in first.completions],
-                             [c.truncated for c in first.completions], first.gen_time_s)
-    stats[DEGENERATE_METRIC] = (float(sum(map(markup_density, first.texts))), float(len(first.texts)))
-    if not grpo.dynamic_sampling.enabled:
-        first.stats = stats
-        return first
-    share = len(batch_prompts)
-
-    def draw_round(round_index: int):
-        order = torch.randperm(len(all_prompts), generator=torch.Generator().manual_seed(
-            seed_base * 7919 + index * 131 + round_index)).tolist()
-        picked = [all_prompts[i] for i in order[dp_rank * share:(dp_rank + 1) * share]]
-        return generate_and_score(engine, picked, seed=seed + 100_003 * round_index, grpo=grpo, rewards=rewards,
-                                  decode=decode)
-
-    batch = fill_with_informative_groups(first, draw_round, num_generations=grpo.sampling.num_generations,
-                                         max_rounds=grpo.dynamic_sampling.max_rounds)
-    stats["dynamic/rounds"] = (float(batch.stats["rounds"]), 1.0)
-    stats["dynamic/dropped_groups"] = (float(batch.stats["dropped_groups"]), 1.0)
-    stats["dynamic/filled_groups"] = (float(batch.stats["filled_groups"]), 1.0)
-    stats["dynamic/trained_zero_adv_groups"] = (float(batch.advantages.num_zero_std_groups), 1.0)
-    batch.stats = stats
-    return batch
 
 
 def _split_microbatches(scored, num_slices: int, num_generations: int, *, micro_batch_size: int,
@@ -393,21 +389,35 @@ def _policy_in_eval(chunks):
     return policy
 
 
-def _rollout_metrics(scores, adv, lengths, truncated, gen_time) -> dict:
-    """Sums and counts (reduced over data-parallel ranks before logging)."""
-    n = float(len(lengths))
-    out = {f"reward/{name}": (float(v.sum()), n) for name, v in scores.per_reward.items()}
-    out["reward/total"] = (float(scores.total.sum()), n)
-    out["completion_len_mean"] = (float(sum(lengths)), n)
-    out["truncated_frac"] = (float(sum(truncated)), n)
-    out["zero_adv_groups"] = (float(adv.num_zero_std_groups), 1.0)
-    out["completion_len_max"] = (float(max(lengths) if lengths else 0), -1.0)  # -1: reduce by max
-    out["gen_tokens_per_s"] = (float(sum(lengths)) / max(gen_time, 1e-9), 1.0)
-    return out
+def _staleness_counts(scored, step: int, max_staleness: int) -> dict:
+    """samples/staleness_<n>: completions trained at step+1 (weights version `step`) that were
+    sampled n versions earlier; a sample older than the bound is a bug, not a statistic."""
+    counts: dict[int, int] = {}
+    for completion in scored.completions:
+        lag = step - completion.policy_version
+        if not 0 <= lag <= max_staleness:
+            raise RuntimeError(f"asynchronous rollouts: a completion of policy version {completion.policy_version} "
+                               f"reached training step {step + 1} (grpo.rollout.max_staleness={max_staleness})")
+        counts[lag] = counts.get(lag, 0) + 1
+    return {f"samples/staleness_{lag}": (float(n), 1.0) for lag, n in counts.items()}
+
+
+def _count_prompts_too_long(scored) -> int:
+    """Completions the engine could not start (prompt longer than its context), named once per batch."""
+    from gazal_nemo.inference.protocol import FINISH_PROMPT_TOO_LONG
+
+    rows = sorted({getattr(scored.prompts[c.prompt_index], "row", c.prompt_index) for c in scored.completions
+                   if c.finish_reason == FINISH_PROMPT_TOO_LONG})
+    if rows:
+        print(f"grpo: rank {dist.get_rank()}: {len(rows)} prompt(s) do not fit the rollout engine's context "
+              f"(data rows {rows[:10]}): scored as unanswered, nothing to train on", flush=True)
+    return sum(c.finish_reason == FINISH_PROMPT_TOO_LONG for c in scored.completions)
 
 
 def _global_means(step_metrics: dict) -> dict:
     from megatron.core import parallel_state as ps
+
+    from gazal_nemo.rl.guard_signals import finish_signals
 
     group = ps.get_data_parallel_group(with_context_parallel=True)
     out = {}
@@ -420,5 +430,6 @@ def _global_means(step_metrics: dict) -> dict:
         t = torch.tensor([value, count], dtype=torch.float64)
         dist.all_reduce(t, group=group)
         summed = key in ("zero_adv_groups", "gen_tokens_per_s") or (key.startswith("dynamic/") and key != "dynamic/rounds")
+        summed = summed or key.startswith("samples/")
         out[key] = t[0].item() if summed else (t[0] / t[1]).item()
-    return out
+    return finish_signals(out)  # the guard's signals that need every rank's counts

@@ -129,4 +129,5 @@ def run_sft(recipe, shape) -> dict:
 
         export_trained_model(recipe, shape, tm.chunks)
     return {"history": result.history, "total_steps": total_steps, "checkpoint": result.checkpoint,
-            "num_samples": len(samples), "steps_per_epoch": steps_per_epoch, "stopped_by": result.stopped_by}
+            "num_samples": len(samples), "steps_per_epoch": steps_per_epoch, "stopped_by": result.stopped_by,
+            "last_step": result.last_step}

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from gazal_nemo.parallel import free_port, shutdown_parallel
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "run_distributed"]
 
 
 def _worker(rank, world_size, port, out_dir, fn, args, kwargs):
@@ -37,8 +34,6 @@ def _worker(rank, world_size, port, out_dir, fn, args, kwargs):
         pickle.dump(result, f)
     os.replace(tmp, path)
     try:
-        from gazal_nemo.parallel import shutdown_parallel
-
         shutdown_parallel()
     except Exception:
         pass

@@ -13,17 +13,25 @@ and guarantees in docs/CHECKPOINTS.md):
   * the RNG states of every rank, restored only when the layout is unchanged (a rank's
     generator cannot be split or merged across a DP change);
   * `trainer_state.json` (step, world_size, layout), `recipe.json` (for the resume check),
-    `hf/` (config + tokenizer, so the folder exports to HF on its own), and last of all
-    `manifest.json`: every file with its size.
+    `identity.json` (the run's id and fingerprints of its data and base model,
+    training/run_identity.py), `hf/` (config + tokenizer, so the folder exports to HF on its
+    own), and last of all `manifest.json`: every file with its size.
 
 A checkpoint is complete only if its manifest lists exactly what is on disk. Everything is
 written into `step_N.tmp/` and renamed to `step_N/` after the manifest, pruning deletes the
 manifest before anything else, and a damaged latest checkpoint falls back to the newest
 complete one (rank 0 decides, every rank follows).
+
+Space: before a save rank 0 compares the free space with the size of the newest checkpoint
+(an estimate from the trainable state for the first one) and, when it is short, removes early
+the checkpoints that keep_last would remove after this save anyway (never the newest one). A
+save that still runs out of space is removed and reported in one line with the folder and the
+bytes it needed; the older checkpoints stay, so a rerun resumes from them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -42,6 +50,7 @@ TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 RECIPE = "recipe.json"
+IDENTITY = "identity.json"  # training/run_identity.py
 HF_SUBDIR = "hf"
 FORMAT_VERSION = 2
 # Param-group keys that are state; every other key (max_lr, min_lr, betas, eps, ...) is a
@@ -123,6 +132,20 @@ def read_trainer_state(path: str | Path) -> dict:
     return state
 
 
+def read_identity(path: str | Path) -> dict | None:
+    """identity.json of a step checkpoint (None when it has none: written before run identities)."""
+    file = Path(path) / IDENTITY
+    if not file.is_file():
+        return None
+    try:
+        identity = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read the run identity ({type(e).__name__})") from None
+    if not isinstance(identity, dict) or not isinstance(identity.get("inputs", {}), dict):
+        raise ValueError(f"{file}: not a run identity (expected an object with run_id and inputs)")
+    return identity
+
+
 def read_saved_recipe(path: str | Path) -> dict:
     file = Path(path) / RECIPE
     try:
@@ -141,22 +164,30 @@ def remove_stale_tmp(root: str | Path) -> list[Path]:
     return stale
 
 
-def _choose_on_rank0(root: Path) -> tuple[str | None, list[str], str | None]:
-    """(checkpoint to resume, notes to print, error) as rank 0 sees the folder."""
-    for stale in remove_stale_tmp(root):
-        print(f"removed {stale}: an unfinished checkpoint write", flush=True)
+def resume_candidate(root: str | Path) -> tuple[Path | None, list[str], str | None]:
+    """(newest complete checkpoint, notes on the damaged newer ones, error when step folders
+    exist but none is usable); reads only."""
+    root = Path(root)
     candidates = step_dirs(root)
     notes = []
     for path in reversed(candidates):
         problem = checkpoint_problem(path)
         if problem is None:
-            return str(path), notes, None
+            return path, notes, None
         notes.append(f"checkpoint {path} is damaged: {problem}; falling back to an older one")
     if candidates:
         newest = candidates[-1]
         return None, notes, (f"{root}: no usable checkpoint to resume; newest {newest.name}: "
                              f"{checkpoint_problem(newest)} (delete the folder or set checkpoint.resume=false)")
     return None, notes, None
+
+
+def _choose_on_rank0(root: Path) -> tuple[str | None, list[str], str | None]:
+    """(checkpoint to resume, notes to print, error) as rank 0 sees the folder."""
+    for stale in remove_stale_tmp(root):
+        print(f"removed {stale}: an unfinished checkpoint write", flush=True)
+    path, notes, error = resume_candidate(root)
+    return (str(path) if path is not None else None), notes, error
 
 
 def choose_resume_checkpoint(root: str | Path) -> Path | None:
@@ -401,32 +432,181 @@ def save_checkpoint(root, step: int, *, model_chunks, optimizer, scheduler, trai
     root = Path(root)
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + TMP_SUFFIX)
     rank = dist.get_rank()
+    needed, exact = _space_needed(root, model_chunks)
+    problem = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(root)
-        tmp.mkdir()
-    dist.barrier()
+        problem = _make_room(root, step, needed, exact=exact, keep_last=keep_last)
+        if problem is None:
+            tmp.mkdir()
+    _raise_agreed(problem)
     sharded = _sharded_state(model_chunks, optimizer, with_rng=True)
     sharded["scheduler"] = scheduler.state_dict()
-    with stop_signals_deferred():  # a stop signal must not kill dist_checkpointing's writers mid-file
-        dist_checkpointing.save(sharded, str(tmp))
+    try:
+        with stop_signals_deferred():  # a stop signal must not kill dist_checkpointing's writers mid-file
+            dist_checkpointing.save(sharded, str(tmp))
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and out_of_space(e, tmp):
+            raise ValueError(_no_space_message(root, step, needed, tmp, rank=rank)) from None
+        raise
     dist.barrier()
     if rank == 0:
-        trainable = "adapter" if _has_adapter(model_chunks) else "all"
-        _write_json_atomic(tmp / RECIPE, recipe_dict)
-        _write_json_atomic(tmp / TRAINER_STATE, dict(
-            trainer_state, step=step, world_size=dist.get_world_size(), layout=_layout(), trainable=trainable,
-            distributed_optimizer=any(_is_distributed_optimizer(w) for w in inner_optimizers(optimizer)),
-            format_version=FORMAT_VERSION))
-        _copy_hf_meta(recipe_dict, tmp / HF_SUBDIR)
-        _pause_for_tests(step)
-        write_manifest(tmp)
-        if final.exists():
-            remove_checkpoint(final)
-        os.replace(tmp, final)
-        _prune(root, step, keep_last)
-    dist.barrier()
+        try:
+            _write_rank0_files(tmp, step, model_chunks=model_chunks, optimizer=optimizer,
+                               trainer_state=trainer_state, recipe_dict=recipe_dict)
+            _pause_for_tests(step)
+            write_manifest(tmp)
+        except OSError as e:
+            if not out_of_space(e, tmp):
+                raise
+            problem = _no_space_message(root, step, needed, tmp, rank=rank)
+        if problem is None:
+            if final.exists():
+                remove_checkpoint(final)
+            os.replace(tmp, final)
+            _prune(root, step, keep_last)
+    _raise_agreed(problem)
     return final
+
+
+def _write_rank0_files(tmp: Path, step: int, *, model_chunks, optimizer, trainer_state: dict,
+                       recipe_dict: dict) -> None:
+    """What rank 0 adds to the tensors: recipe, trainer state, run identity, hf/ meta."""
+    from gazal_nemo.training.run_identity import active_run
+
+    trainable = "adapter" if _has_adapter(model_chunks) else "all"
+    stop_at = (recipe_dict.get("train") or {}).get("stop_at_step")
+    total = trainer_state.get("total_steps")
+    # Read by slurm/common.sh: a job that ends here must be resubmitted, not requeued (a requeue
+    # would stop at the same step again).
+    stop_reason = "train.stop_at_step" if stop_at == step and total is not None and step < total else None
+    _write_json_atomic(tmp / RECIPE, recipe_dict)
+    _write_json_atomic(tmp / TRAINER_STATE, dict(
+        trainer_state, step=step, world_size=dist.get_world_size(), layout=_layout(), trainable=trainable,
+        distributed_optimizer=any(_is_distributed_optimizer(w) for w in inner_optimizers(optimizer)),
+        format_version=FORMAT_VERSION, **({"stop_reason": stop_reason} if stop_reason else {})))
+    run = active_run()
+    if run is not None:
+        _write_json_atomic(tmp / IDENTITY, run.record(step=step))
+    _copy_hf_meta(recipe_dict, tmp / HF_SUBDIR)
+
+
+def _raise_agreed(problem: str | None) -> None:
+    """Every rank raises rank 0's error (a collective: a rank that raised alone would leave the
+    others waiting in the next barrier)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise ValueError(problem)
+
+
+# ---- space ----------------------------------------------------------------------------------
+
+_FULL_DISK_SLACK_BYTES = 2**20  # free bytes left on a file system a failed write just filled
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes for an unprivileged writer on the file system of `path` (or of the nearest
+    folder above it that exists)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def out_of_space(exc: BaseException, path: str | Path) -> bool:
+    """Whether `exc` (or what it wraps) is a full file system or quota under `path`. torch's zip
+    writer reports a full disk as "unexpected pos" with no errno, so a failure that leaves the
+    file system (nearly) full counts too."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch's CheckpointException: rank -> (exception, trace)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) and f else f for f in failures.values()
+                      if isinstance(f, (tuple, BaseException))]
+    try:
+        return free_bytes(path) < _FULL_DISK_SLACK_BYTES
+    except OSError:
+        return False
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Total size of a complete checkpoint, from its manifest."""
+    try:
+        return sum(json.loads((path / MANIFEST).read_text())["files"].values()) + (path / MANIFEST).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _space_needed(root: Path, model_chunks) -> tuple[int, bool]:
+    """(bytes the next checkpoint needs, whether that is exact): the newest complete checkpoint's
+    size, else an estimate from the trainable parameters (fp32 main copy, two moments, the
+    parameter itself). Collective: every rank calls."""
+    from gazal_nemo.training.model_setup import unwrap
+
+    local = sum(p.numel() * (p.element_size() + 12) for p in unwrap(model_chunks[0]).parameters() if p.requires_grad)
+    estimate = torch.tensor([float(local)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        if dist.get_backend() == "nccl":
+            estimate = estimate.cuda()
+        dist.all_reduce(estimate)
+        estimate /= ps.get_data_parallel_world_size(with_context_parallel=True)  # replicas write one copy
+    newest = latest_checkpoint(root) if dist.get_rank() == 0 else None  # rank 0 decides
+    if newest is not None:
+        return checkpoint_bytes(newest), True
+    return int(estimate.item()) + 2**20, False  # + recipe, trainer state, hf/ meta
+
+
+def _make_room(root: Path, step: int, needed: int, *, exact: bool, keep_last: int) -> str | None:
+    """Free space for step `step` by pruning now what keep_last prunes after the save anyway
+    (never the newest complete checkpoint); the refusal when even that is not enough and the
+    size is known (an estimate is only tried: the save may fit)."""
+    free = free_bytes(root)
+    if free >= needed:
+        return None
+    older = [p for p in step_dirs(root) if checkpoint_step(p) < step]
+    complete = [p for p in older if is_complete_checkpoint(p)]
+    early = [p for p in older if p not in complete]  # damaged: pruned after any save
+    if keep_last > 0 and complete:
+        early += complete[:-max(keep_last - 1, 1)]
+    for path in early:
+        if free >= needed:
+            break
+        remove_checkpoint(path)
+        free = free_bytes(root)
+        print(f"checkpoint: removed {path} before writing step {step} ({free} bytes free now, it needs ~{needed}; "
+              f"checkpoint.keep_last={keep_last} removes it after this save anyway)", flush=True)
+    if free >= needed or not exact:
+        return None
+    return _space_line(root, step, needed, free)
+
+
+def _space_line(root: Path, step: int, needed: int, free: int) -> str:
+    kept = [p.name for p in complete_checkpoints(root)]
+    return (f"checkpoint.dir={root}: no space left for checkpoint {step_dir_name(step)}: it needs ~{needed} bytes, "
+            f"{free} are free; the older checkpoints are kept ({', '.join(kept) or 'none'}); free space on that "
+            "file system (or lower checkpoint.keep_last) and rerun: it resumes from the newest of them")
+
+
+def _no_space_message(root: Path, step: int, needed: int, tmp: Path, *, rank: int) -> str:
+    """Remove the partial write (rank 0) and describe the failure in one line."""
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _space_line(root, step, needed, free_bytes(root))
 
 
 def _has_adapter(model_chunks) -> bool:

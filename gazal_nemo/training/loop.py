@@ -16,6 +16,7 @@ import torch.distributed as dist
 from gazal_nemo.recipe_sections import CheckpointConfig
 from gazal_nemo.training import checkpoint as ckpt
 from gazal_nemo.training.metrics import MetricsLogger
+from gazal_nemo.training.model_setup import finish_param_gather
 from gazal_nemo.training.preemption import agreed_stop_signal
 from gazal_nemo.training.step import configure_schedule_hooks, metric_means, run_step
 
@@ -72,6 +73,7 @@ def train_loop(*, chunks, config, optimizer, scheduler, total_steps: int, microb
     end = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
 
     def save(step: int):
+        finish_param_gather(chunks)  # with parallel.overlap_param_gather the step's params may be mid-gather
         state = {"total_steps": total_steps, **(guard.state() if guard is not None else {})}
         path = ckpt.save_checkpoint(
             ckpt_cfg.dir, step, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,

@@ -31,6 +31,16 @@ unit instead of 2) and its SDPA path saves k and v repeated to all query heads.
 Phases: training (activations, logits), GRPO rollout (KV cache, prefill) and the
 optimizer step (update temporaries) never hold their memory at the same time, so the
 total is static + the largest phase + allocator headroom + CUDA context.
+
+The vLLM engine (grpo.rollout.engine=vllm) is sized by its own budget: vLLM takes
+`gpu_memory_utilization` x the GPU for a merged bf16 copy of the weights (exact, from the
+shape), a workspace, and fills the rest with KV cache. Between rollouts it sleeps (CUDA):
+level 2 frees weights and KV cache, level 1 frees the KV cache and moves the weights to the
+host, 0 keeps everything; what sleep frees is rollout-phase memory, what it keeps is static.
+The plan says how many tokens the KV cache holds and refuses a budget that leaves less than
+one full-length sequence (vLLM would refuse to start). With asynchronous rollouts the
+trainer's GPUs hold no engine and the generator ranks' GPUs hold vLLM alone, awake
+(`plan_generator_memory`); `gazal plan` prints both sides.
 """
 
 from __future__ import annotations
@@ -86,6 +96,11 @@ class ActivationCoefficients:
     """Allocator headroom: reserved-but-unused memory as a fraction of the allocated peak."""
     cuda_context_gib: float = 1.0
     """CUDA context, cuBLAS workspaces and NCCL buffers (outside PyTorch's allocator)."""
+    vllm_workspace_gib: float = 1.5
+    """vLLM inside its gpu_memory_utilization share besides weights and KV cache: the profiled forward's
+    activations, sampler buffers and CUDA graph pools (vLLM reports it at start-up as non-KV memory)."""
+    vllm_asleep_gib: float = 0.5
+    """What a sleeping vLLM still holds (CUDA graph pools, small buffers)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,8 @@ class MemoryPlan:
     gpu_memory_bytes: float
     train_terms: dict[str, float] = field(default_factory=dict)
     """Activation features of the training phase: bytes = sum(coefficient x term) (see fit_coefficients)."""
+    shortfalls: list[str] = field(default_factory=list)
+    """Reasons the job cannot start whatever the totals (e.g. a vLLM budget with no room for one sequence)."""
 
     def phase_bytes(self, phase: str) -> float:
         return sum(i.bytes for i in self.items if i.phase == phase)
@@ -123,7 +140,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.gpu_memory_bytes
+        return self.total_bytes <= self.gpu_memory_bytes and not self.shortfalls
 
     @property
     def largest(self) -> MemoryItem:
@@ -132,6 +149,8 @@ class MemoryPlan:
     def verdict(self) -> str:
         total, gpu = self.total_bytes / GIB, self.gpu_memory_bytes / GIB
         largest = f"largest item: {self.largest.name} ({self.largest.bytes / GIB:.1f} GiB)"
+        if self.shortfalls:
+            return f"DOES NOT FIT: {'; '.join(self.shortfalls)}"
         if self.fits:
             return f"FITS: {total:.1f} of {gpu:.1f} GiB per GPU ({gpu - total:.1f} GiB free); {largest}"
         return f"DOES NOT FIT: {total:.1f} GiB per GPU > {gpu:.1f} GiB ({total - gpu:.1f} GiB over); {largest}"
@@ -252,17 +271,23 @@ def plan_memory(recipe, shape, *, world_size: int, gpu_memory_gib: float = 80.0,
     items += _step_items(recipe, shape, adapter, dp=dp, c=c)
     train_items, terms = _train_items(recipe, shape, adapter, sp=sp, c=c)
     items += train_items
-    items += _rollout_items(recipe, shape, adapter, dp=dp, sp=sp, c=c, gpu_memory_gib=gpu_memory_gib)
+    shortfalls: list[str] = []
+    items += _rollout_items(recipe, shape, adapter, dp=dp, sp=sp, c=c, gpu_memory_gib=gpu_memory_gib,
+                            shortfalls=shortfalls)
     allocated = (sum(i.bytes for i in items if i.phase == "static")
                  + max(sum(i.bytes for i in items if i.phase == p) for p in ("train", "rollout", "step")))
     items.append(MemoryItem("allocator headroom", c.fragmentation * allocated, "overhead",
                             f"{c.fragmentation:.0%} of the allocated peak (fragmentation)"))
     items.append(MemoryItem("CUDA context + NCCL", c.cuda_context_gib * GIB, "overhead",
                             "context, cuBLAS workspaces, NCCL buffers"))
-    layout = (f"world {world_size} = tp {tp} x pp {pp} x cp {par.cp} x dp {dp}; {prec.dtype}; "
+    trainers = world_size
+    if recipe.stage == "grpo" and recipe.grpo.rollout.mode == "async":
+        trainers -= recipe.grpo.rollout.generator_ranks
+    world = f"world {world_size}" if trainers == world_size else f"{trainers} trainer ranks of {world_size}"
+    layout = (f"{world} = tp {tp} x pp {pp} x cp {par.cp} x dp {dp}; {prec.dtype}; "
               f"TE {'on' if use_te else 'off'}, sequence parallel {'on' if sp else 'off'}")
     return MemoryPlan(recipe_name=recipe.name, layout=layout, items=items,
-                      gpu_memory_bytes=gpu_memory_gib * GIB, train_terms=terms)
+                      gpu_memory_bytes=gpu_memory_gib * GIB, train_terms=terms, shortfalls=shortfalls)
 
 
 def _trained_adapter(recipe):
@@ -378,16 +403,74 @@ def _train_items(recipe, shape, adapter, *, sp: bool, c) -> tuple[list[MemoryIte
                        f"{getattr(c, logits_key):g} B x tokens x vocab/tp ({shape.vocab_size // recipe.parallel.tp})")], terms
 
 
-def _rollout_items(recipe, shape, adapter, *, dp: int, sp: bool, c, gpu_memory_gib: float) -> list[MemoryItem]:
-    if recipe.stage != "grpo":
-        return []
+def _vllm_items(recipe, shape, *, dp: int, c, gpu_memory_gib: float, shortfalls: list[str]) -> list[MemoryItem]:
+    """vLLM's share of one GPU: merged weights, workspace, KV cache (module docstring)."""
+    grpo, tp = recipe.grpo, recipe.parallel.tp
+    settings = grpo.rollout.vllm
+    size = DTYPE_BYTES[recipe.precision.dtype]
+    budget = settings.gpu_memory_utilization * gpu_memory_gib * GIB
+    weights = sum(numel for numel, _ in rank_base_tensors(shape, tp=tp, pp=1)) * size
+    workspace = c.vllm_workspace_gib * GIB
+    kv = max(budget - weights - workspace, 0.0)
+    per_token = shape.num_layers * 2 * max(shape.num_key_value_heads // tp, 1) * shape.head_dim * size
+    tokens, seq_len = int(kv // per_token), grpo.data.max_prompt_length + grpo.sampling.max_new_tokens
+    per_rank = grpo.prompts_per_step // dp * grpo.sampling.num_generations
+    level = settings.sleep_level
+    freed = {0: "static", 1: "rollout", 2: "rollout"}
+    share_note = f"grpo.rollout.vllm.gpu_memory_utilization {settings.gpu_memory_utilization:g} x {gpu_memory_gib:g} GiB"
+    items = [
+        MemoryItem("vLLM weights (merged copy)", weights, "static" if level == 0 else "rollout",
+                   f"the model's tensors on one TP rank in {recipe.precision.dtype}"
+                   + {0: "", 1: "; sleep level 1 keeps them on the host between rollouts",
+                      2: "; freed by sleep level 2 between rollouts, refilled by the push"}[level]),
+        MemoryItem("vLLM workspace", workspace, freed[level], "forward activations, sampler, CUDA graph pools (of the share)"),
+        MemoryItem("vLLM KV cache", kv, freed[level],
+                   f"rest of {share_note}: {tokens:,} tokens = {tokens / seq_len:.1f} sequences of {seq_len} "
+                   f"(a step samples {per_rank}; paged, so shorter completions share it)"),
+    ]
+    if level:
+        items.append(MemoryItem("vLLM asleep", c.vllm_asleep_gib * GIB, "static", f"kept while sleeping (level {level})"))
+    if level == 1:
+        items.append(MemoryItem("vLLM weights on host", weights, "host", "sleep level 1 moves them to pinned host memory"))
+    if tokens < seq_len:
+        shortfalls.append(f"grpo.rollout.vllm.gpu_memory_utilization={settings.gpu_memory_utilization:g} leaves vLLM "
+                          f"{kv / GIB:.2f} GiB of KV cache ({tokens:,} tokens) after its weights "
+                          f"({weights / GIB:.1f} GiB) and workspace; one sequence of {seq_len} tokens needs "
+                          f"{seq_len * per_token / GIB:.2f} GiB: raise it")
+    return items
+
+
+def plan_generator_memory(recipe, shape, *, gpu_memory_gib: float = 80.0,
+                          coefficients: ActivationCoefficients | None = None) -> MemoryPlan:
+    """The per-GPU plan of a generator rank of an asynchronous job (grpo.rollout.mode=async): vLLM
+    alone, awake all the time (nothing to sleep for), at grpo.rollout.generator_tp."""
+    c = coefficients or ActivationCoefficients()
+    rollout = recipe.grpo.rollout
+    settings = dataclasses.replace(rollout.vllm, sleep_level=0)
+    sized = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, tp=rollout.generator_tp),
+                                grpo=dataclasses.replace(recipe.grpo, rollout=dataclasses.replace(rollout, vllm=settings)))
+    shortfalls: list[str] = []
+    items = _vllm_items(sized, shape, dp=1, c=c, gpu_memory_gib=gpu_memory_gib, shortfalls=shortfalls)
+    allocated = sum(i.bytes for i in items)
+    items.append(MemoryItem("allocator headroom", c.fragmentation * allocated, "overhead",
+                            f"{c.fragmentation:.0%} of the allocated peak (fragmentation)"))
+    items.append(MemoryItem("CUDA context + NCCL", c.cuda_context_gib * GIB, "overhead",
+                            "context, cuBLAS workspaces, NCCL buffers"))
+    replicas = rollout.generator_ranks // rollout.generator_tp
+    return MemoryPlan(recipe_name=f"{recipe.name} (generator ranks)", items=items, shortfalls=shortfalls,
+                      layout=f"{rollout.generator_ranks} generator ranks = tp {rollout.generator_tp} x {replicas} "
+                             f"vLLM replicas; {recipe.precision.dtype}", gpu_memory_bytes=gpu_memory_gib * GIB)
+
+
+def _rollout_items(recipe, shape, adapter, *, dp: int, sp: bool, c, gpu_memory_gib: float,
+                   shortfalls: list[str]) -> list[MemoryItem]:
+    if recipe.stage != "grpo" or recipe.grpo.rollout.mode == "async":
+        return []  # asynchronous rollouts: the trainer's GPUs hold no engine (plan_generator_memory)
     grpo, par = recipe.grpo, recipe.parallel
     if grpo.rollout.engine == "vllm":
-        share = grpo.rollout.vllm_gpu_memory_utilization
-        return [MemoryItem("vLLM (weights copy + KV cache)", share * gpu_memory_gib * GIB, "static",
-                           f"grpo.rollout.vllm_gpu_memory_utilization {share:g} x GPU memory")]
+        return _vllm_items(recipe, shape, dp=dp, c=c, gpu_memory_gib=gpu_memory_gib, shortfalls=shortfalls)
     per_rank = grpo.prompts_per_step // dp * grpo.sampling.num_generations
-    batch = min(grpo.rollout.max_batch_size, per_rank)
+    batch = min(grpo.rollout.megatron.max_batch_size, per_rank)
     prompt, new = grpo.data.max_prompt_length, grpo.sampling.max_new_tokens
     kv_local = max(shape.num_key_value_heads // par.tp, 1) * shape.head_dim
     layers = shape.num_layers // par.pp

@@ -2,6 +2,11 @@
 
 MFU uses the standard 6·N·tokens + attention estimate against the device's dense bf16
 peak; on CPU (no known peak) it is left out rather than guessed.
+
+A logging folder belongs to one run: `gazal_run.json` names the run whose metrics.jsonl it
+holds (training/run_folder.py writes it when the run starts). A job of that run appends, after
+dropping the rows of steps it replays; a job of another run is refused before it starts
+(`logging_dir_problem`) and the logger itself never rewrites rows of another run.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak (no sparsity), TFLOP/s.
 ROLLED_BACK_FILE = "metrics_rolled_back.jsonl"
+METRICS_FILE = "metrics.jsonl"
+RUN_OWNER_FILE = "gazal_run.json"  # which run the rows belong to (training/run_folder.py)
+# Dense bf16 peak (no sparsity), TFLOP/s.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
@@ -49,6 +56,7 @@ class MetricsLogger:
             return
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign_rows(self.dir)
         truncate_metrics_jsonl(self.dir / "metrics.jsonl", keep_through_step=resume_step)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
@@ -103,6 +111,61 @@ class MetricsLogger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def read_run_owner(log_dir: str | Path) -> dict | None:
+    """The logging folder's gazal_run.json (None when absent or unreadable)."""
+    try:
+        owner = json.loads((Path(log_dir) / RUN_OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def has_logged_rows(log_dir: str | Path) -> bool:
+    log_dir = Path(log_dir)
+    return any((log_dir / name).is_file() and (log_dir / name).stat().st_size > 0
+               for name in (METRICS_FILE, ROLLED_BACK_FILE))
+
+
+def logging_dir_problem(log_dir: str | Path, run_id: str, *, adopt_unmarked: bool) -> str | None:
+    """Why run `run_id` may not log into log_dir (None: it may). Rows of the same run, or no rows,
+    are fine; rows of another run, or rows of no known run (unless `adopt_unmarked`: a resume of
+    a run from before these markers), are not."""
+    log_dir = Path(log_dir)
+    if not has_logged_rows(log_dir):
+        return None
+    owner = read_run_owner(log_dir)
+    if owner is not None and owner.get("run_id") == run_id:
+        return None
+    if owner is None and adopt_unmarked:
+        return None
+    whose = (f"run {owner.get('run_id')} (checkpoint.dir {owner.get('checkpoint_dir')}, started "
+             f"{owner.get('created_at')})" if owner is not None else "a run of unknown checkpoint.dir")
+    return (f"logging.dir={log_dir}: holds the metrics of {whose}, not of this run ({run_id}); a new run there "
+            f"would drop its rows; use another logging.dir (or move {log_dir / METRICS_FILE} away)")
+
+
+def claim_logging_dir(log_dir: str | Path, record: dict) -> None:
+    """Mark log_dir as the run's (`record` holds its run_id); rank 0, after logging_dir_problem."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if (read_run_owner(log_dir) or {}).get("run_id") != record["run_id"]:
+        tmp = log_dir / (RUN_OWNER_FILE + ".part")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, log_dir / RUN_OWNER_FILE)
+
+
+def _refuse_foreign_rows(log_dir: Path) -> None:
+    """Last line of defence: within a stage (an active run), never rewrite another run's rows."""
+    from gazal_nemo.training.run_identity import active_run
+
+    run = active_run()
+    if run is not None and has_logged_rows(log_dir):
+        owner = read_run_owner(log_dir)
+        if owner is None or owner.get("run_id") != run.run_id:
+            raise ValueError(logging_dir_problem(log_dir, run.run_id, adopt_unmarked=False)
+                             or f"logging.dir={log_dir}: not this run's")
 
 
 def read_metrics_jsonl(path: Path, *, through_step: int) -> list[dict]:

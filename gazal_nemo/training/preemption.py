@@ -1,4 +1,4 @@
-"""Stop at a step boundary on SIGUSR1 / SIGTERM, with a checkpoint, and ask to be requeued.
+"""Stop at a step boundary on SIGUSR1 / SIGTERM / a first Ctrl-C, with a checkpoint, and ask to be requeued.
 
 Slurm warns a job before its time limit (`--signal=B:USR1@N`, which our batch scripts
 forward to the ranks) and sends SIGTERM on preemption or `scancel`, KillWait seconds
@@ -11,6 +11,11 @@ before SIGKILL. Dying there loses every step since the last periodic checkpoint,
   * the loop then saves (atomic, as every checkpoint) and the process exits with
     REQUEUE_EXIT_CODE, which slurm/common.sh turns into `scontrol requeue`; the requeued
     job resumes from that checkpoint.
+
+A first Ctrl-C (SIGINT) is taken the same way, so an interactive run keeps the steps since its
+last checkpoint; a second Ctrl-C exits at once (KeyboardInterrupt: `gazal: error: interrupted`,
+exit 130, no checkpoint). During a checkpoint write all three signals wait until the write is
+done (`stop_signals_deferred`), so a second Ctrl-C then exits right after it.
 
 Handlers are process-wide (signals are), installed once by the stage command before the
 model is built, so a signal that arrives while loading is not lost either.
@@ -28,21 +33,25 @@ import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75
 """EX_TEMPFAIL ("try again later"): stopped on a signal with a checkpoint; resubmit or requeue."""
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _received: list[int] = []  # signal numbers seen by this process, in order
 _previous: dict[int, object] = {}
 
 
 def _record(signum, _frame) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
     if not _received:
         # os.write, not print: a handler may run inside a print of the main thread.
-        os.write(2, f"gazal: got {signal.Signals(signum).name}; stopping after the current step\n".encode())
+        again = " (Ctrl-C again to exit now, without a checkpoint)" if signum == signal.SIGINT else ""
+        os.write(2, f"gazal: got {signal.Signals(signum).name}; stopping after the current step, with a "
+                    f"checkpoint{again}\n".encode())
     _received.append(signum)
 
 
 def install_stop_handlers() -> None:
-    """Record SIGUSR1/SIGTERM instead of dying (main thread only; idempotent)."""
+    """Record SIGUSR1/SIGTERM/SIGINT instead of dying (main thread only; idempotent)."""
     for signum in STOP_SIGNALS:
         if signum not in _previous:
             _previous[signum] = signal.signal(signum, _record)
@@ -77,9 +86,9 @@ def agreed_stop_signal() -> str | None:
 
 @contextlib.contextmanager
 def stop_signals_deferred():
-    """Hold SIGUSR1/SIGTERM until the block ends (a checkpoint write): `scancel --signal` and a
-    preemption's TERM reach every process of the step, including the writer processes that
-    dist_checkpointing starts, which would die mid-write. The mask is inherited by those
+    """Hold SIGUSR1/SIGTERM/SIGINT until the block ends (a checkpoint write): `scancel --signal`, a
+    preemption's TERM and a terminal's Ctrl-C reach every process of the step, including the writer
+    processes that dist_checkpointing starts, which would die mid-write. The mask is inherited by those
     children; signals that came meanwhile are delivered, to our handler, when it lifts."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -29,15 +29,16 @@ def _hf_greedy(hf_dir):
 def _generate(hf_dir, tp, stop_ids, temperature, seed, use_kv_cache, top_k=20):
 
     from gazal_nemo.convert.load_hf import qwen3_from_hf
+    from gazal_nemo.inference.megatron_engine import MegatronEngine
+    from gazal_nemo.inference.protocol import SamplingSettings
     from gazal_nemo.parallel import init_parallel
-    from gazal_nemo.rl.rollout import MegatronRolloutEngine
 
     init_parallel(tp=tp)
     _, model = qwen3_from_hf(hf_dir, tp=tp)
-    engine = MegatronRolloutEngine(model, stop_token_ids=stop_ids, pad_token_id=0, max_batch_size=8,
-                                   use_kv_cache=use_kv_cache)
-    completions = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=temperature, top_k=top_k, top_p=0.95,
-                                  seed=seed)
+    engine = MegatronEngine(model, stop_token_ids=stop_ids, pad_token_id=0, max_batch_size=8,
+                            use_kv_cache=use_kv_cache)
+    completions = engine.generate(PROMPTS, SamplingSettings(max_new_tokens=MAX_NEW, temperature=temperature,
+                                                            top_k=top_k, top_p=0.95, seed=seed))
     return [(c.prompt_index, c.tokens, c.truncated) for c in completions]
 
 
@@ -67,8 +68,8 @@ def test_stop_token_ends_completion(tiny_hf_dir):
 
 def test_top_k_then_p_sampler_draws_from_the_filtered_distribution():
     """The rollout's fast path samples exactly filter_logits' distribution (HF order)."""
-    from gazal_nemo.rl.rollout import _sample_top_k_then_p
-    from gazal_nemo.rl.sampling import filter_logits
+    from gazal_nemo.inference.megatron_engine import _sample_top_k_then_p
+    from gazal_nemo.inference.sampling import filter_logits
 
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
     expected = filter_logits(logits, 0.7, 5, 0.8).softmax(-1)[0]

@@ -10,8 +10,8 @@ from gazal_nemo.testing.multiproc import run_distributed
 def _buckets(hf_dir, tp, bucket_bytes):
 
     from gazal_nemo.convert.load_hf import qwen3_from_hf
+    from gazal_nemo.inference.weight_push import hf_weight_buckets
     from gazal_nemo.parallel import init_parallel
-    from gazal_nemo.rl.vllm_engine import hf_weight_buckets
 
     init_parallel(tp=tp)
     shape, model = qwen3_from_hf(hf_dir, tp=tp)

@@ -1,11 +1,14 @@
-"""The collapse guard on a real (tiny, CPU) GRPO run with an induced collapse.
+"""The collapse guard on real (tiny, CPU) GRPO runs: the two fastest collapse types of the
+guard benchmark and one healthy run (bench/bench_guard.py runs every type over several seeds;
+its results are in docs/GRPO.md).
 
-A model fine-tuned on answers with a bold word is trained by GRPO; for steps 16-24 a reward
-plug-in pays for every markdown marker (gazal_nemo/testing/collapse.py), so the policy really
-drifts into asterisk runs, the paper's step-526 symptom. The guard must notice within a few
-steps, restore the last healthy checkpoint (taken before the drift), skip the data seen since,
-and the run must end healthy: markup back near its pre-collapse level, accuracy not below it.
-The demo's healthy run triggering no rollback is checked in tests/e2e/test_demo_pipeline.py.
+A model fine-tuned on answers with a bold word is trained by GRPO; for steps 16-20 a reward
+plug-in (gazal_nemo/testing/collapse.py) pays for one degenerate behaviour, so the policy really
+goes into it: markdown markers everywhere (the paper's step-526 symptom), or answers that run on
+to the length limit. The guard must notice within a few steps from the metrics' own noise (no
+threshold tuned on these runs), restore the last healthy checkpoint (taken before the onset),
+skip the data seen since, and the run must end at its pre-collapse accuracy and signal. The healthy run, the same but without the plug-in, is never rolled back (nor is the
+demo's: tests/e2e/test_demo_pipeline.py).
 """
 
 import json
@@ -16,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from gazal_nemo.testing.guard_bench import BENCH_OVERRIDES, CASES, collapse_env, grpo_overrides, judge_run
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-COLLAPSE_FIRST, COLLAPSE_LAST, STEPS = 16, 24, 36
-DETECT_WITHIN = 8  # steps after the collapse reward stops at the latest
-MARKUP = "degenerate/markup_density"
+FIRST, LAST, STEPS, HEALTHY_STEPS = 16, 20, 32, 30
+DETECT_WITHIN = 6  # steps after the onset step
+DRIFT = {"markup": 0.08, "run_on": 0.2}  # how far the policy must have gone (and come back) for the run to count
 
 
 def _cli(*args, env=None):
@@ -50,34 +55,37 @@ def markdown_model(tmp_path_factory, tiny_hf_dir):
     return {"model": work / "sft" / "export" / "merged", "grpo": grpo}
 
 
-def test_induced_collapse_is_detected_rolled_back_and_the_run_ends_healthy(tmp_path, markdown_model):
-    per_step = 32 * 4  # completions scored per step (prompts x generations), for the plug-in's window
-    env = dict(os.environ, GAZAL_TEST_COLLAPSE=f"{COLLAPSE_FIRST},{COLLAPSE_LAST},{per_step}")
-    logs = tmp_path / "logs"
-    proc = _cli("grpo", "--recipe", "recipes/tiny_cpu_grpo.yaml", f"model.hf_path={markdown_model['model']}",
-                f"grpo.data.path={markdown_model['grpo']}", f"train.max_steps={STEPS}", "checkpoint.save_every=5",
-                f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.dir={logs}",
-                "grpo.rewards.plugins={gazal_nemo.testing.collapse:markup_bonus: 1.0}",
-                "grpo.sampling.train_logprobs=temperature", env=env)  # the dynamics this test was tuned on
-    events = _rows(logs / "guard_events.jsonl")
-    assert events, "no rollback: the guard missed the collapse\n" + proc.stdout[-3000:]
-    first = events[0]
-    # Noticed while the reward pays for the symptom or just after it stops paying (RL on a tiny
-    # model drifts at its own pace), and rolled back to a checkpoint from before it was visible.
-    assert COLLAPSE_FIRST <= first["from_step"] <= COLLAPSE_LAST + DETECT_WITHIN, first
-    assert first["to_step"] <= COLLAPSE_LAST and first["data_offset"] == first["from_step"] - first["to_step"]
-    assert any(MARKUP in reason for reason in first["reasons"]), first
-    assert "guard: rolled back from step" in proc.stdout
+def _grpo(model, tmp_path, name, steps):
+    return _cli("grpo", "--recipe", "recipes/tiny_cpu_grpo.yaml", f"model.hf_path={model['model']}",
+                f"grpo.data.path={model['grpo']}", f"train.max_steps={steps}", "checkpoint.save_every=5",
+                f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.dir={tmp_path / 'logs'}", "export_dir=null", *BENCH_OVERRIDES,
+                *grpo_overrides(CASES[name], seed=1), env=dict(os.environ, **collapse_env(FIRST, LAST)))
 
-    rows = _rows(logs / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one row per step after the rollback"
-    before = [r for r in rows if 5 < r["step"] < COLLAPSE_FIRST]  # healthy, the same rows in both lives
-    baseline_markup = sum(r[MARKUP] for r in before) / len(before)
-    baseline_accuracy = sum(r["reward/accuracy"] for r in before) / len(before)
-    collapsed = [r for r in _rows(logs / "metrics_rolled_back.jsonl") if r["step"] >= COLLAPSE_FIRST]
-    assert max(r[MARKUP] for r in collapsed) > baseline_markup + 0.08, "the policy did not really drift"
-    end = rows[-5:]
-    assert sum(r[MARKUP] for r in end) / 5 < baseline_markup + 0.05, end
-    assert sum(r["reward/accuracy"] for r in end) / 5 >= baseline_accuracy - 0.1, end
+
+@pytest.mark.parametrize("name", ["markup", "run_on"])
+def test_induced_collapse_is_detected_rolled_back_and_the_run_ends_healthy(name, tmp_path, markdown_model):
+    case = CASES[name]
+    proc = _grpo(markdown_model, tmp_path, name, STEPS)
+    result = judge_run(tmp_path / "logs", case, first=FIRST, last=LAST)
+    assert result["detected_at"] is not None, f"no rollback: the guard missed the collapse\n{result}\n" + proc.stdout[-3000:]
+    assert result["early_alarms"] == 0 and result["delay"] <= DETECT_WITHIN, result
+    first = result["events"][0]
+    assert first["to_step"] < FIRST, first  # a checkpoint from before the onset
+    assert "guard: rolled back from step" in proc.stdout
+    # The policy really went into the behaviour (in the steps the rollback undid).
+    assert abs(result["signal_worst"] - result["signal_pre"]) > DRIFT[name], result
+
+    rows = _rows(tmp_path / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one row per step after the rollbacks"
+    assert result["restored"], result  # accuracy of the last 5 steps >= pre-collapse - 0.1
+    end = sum(r[case.signal] for r in rows[-5:]) / 5
+    assert abs(end - result["signal_pre"]) < DRIFT[name], (end, result)
     last_good = list((tmp_path / "ckpt" / "last_good").iterdir())
     assert len(last_good) == 1 and last_good[0].name.startswith("step_")
+
+
+def test_a_healthy_run_is_never_rolled_back(tmp_path, markdown_model):
+    _grpo(markdown_model, tmp_path, "healthy", HEALTHY_STEPS)
+    result = judge_run(tmp_path / "logs", CASES["healthy"], first=FIRST, last=LAST)
+    assert result["false_alarms"] == 0, result["events"]
+    assert result["steps"] == HEALTHY_STEPS

@@ -4,6 +4,7 @@ part checked against an uninterrupted DP=1 run of the same recipe:
   A  DP=2, killed by SIGKILL (every rank) while writing the step-4 checkpoint
   B  DP=1 with another learning rate in the same folder: refused, both values named
   C  DP=1 resumes from step 2 (the last complete checkpoint), stops at 4      (DP 2 -> 1)
+     (exit 75: the run is not finished, so an afterok dependency must not start)
   D  DP=2 resumes from step 4 and finishes the 6 steps                       (DP 1 -> 2)
   E  DP=1 after the step-6 checkpoint was truncated: falls back to step 4 and, with
      checkpoint.allow_changes, runs on to step 8 at a doubled learning rate, then exports
@@ -135,8 +136,9 @@ def test_kill9_reshard_refuse_fallback_allow(runs, tiny_hf_dir):
     assert not (ckpt / "step_000004.tmp").exists(), "the stale .tmp of the killed write must be removed"
 
     # C: DP=1 continues from step 2; D: DP=2 continues from step 4
-    resumed = _run(1, run, tiny_hf_dir, data, "train.stop_at_step=4")
+    resumed = _run(1, run, tiny_hf_dir, data, "train.stop_at_step=4", expect_rc=75)  # not finished: no 0
     assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
+    assert "stopped at train.stop_at_step=4 (step 4 of 6" in resumed.stdout
     _run(2, run, tiny_hf_dir, data)
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], "metrics.jsonl must keep one row per step"

@@ -105,3 +105,23 @@ def test_grpo_on_two_nodes(two_node_slurm_conf, tiny_run_inputs, tmp_path):
     _assert_ranks_on_both_nodes(log, 16)
     assert_one_row_per_step(metric_rows(out / "logs"), 1)
     assert_complete_checkpoint(out / "checkpoints", step=1, world_size=16)
+
+
+def test_async_grpo_generates_on_one_node_and_trains_on_the_other(two_node_slurm_conf, tiny_run_inputs, tmp_path):
+    """slurm/grpo_async_2x8xh100.sh with one task per node: rank 0 trains on gz-node1, rank 1 runs
+    vLLM on gz-node2; weights cross the bridge to it and scored batches come back every step."""
+    out = tmp_path / "run"
+    job = submit("slurm/grpo_async_2x8xh100.sh", tmp_path, sbatch_args=("--nodes=2", "--ntasks-per-node=1"),
+                 slurm_conf=two_node_slurm_conf, RECIPE="recipes/tiny_cpu_grpo.yaml",
+                 HF_MODEL_DIR=str(tiny_run_inputs["model"]), GRPO_DATA=str(tiny_run_inputs["grpo"]),
+                 OUTPUT_DIR=str(out), GENERATOR_RANKS="1", GENERATOR_TP="1",
+                 OVERRIDES="train.max_steps=3 grpo.prompts_per_step=4 train.global_batch_size=16 "
+                           "train.micro_batch_size=8 grpo.sampling.max_new_tokens=8 export_dir=null")
+    code, log = job.wait(JOB_TIMEOUT_S), job.log()
+    assert code == 0, log[-6000:]
+    _assert_ranks_on_both_nodes(log, 2)
+    rows = metric_rows(out / "logs")
+    assert_one_row_per_step(rows, 3)
+    assert all(sum(v for k, v in r.items() if k.startswith("samples/staleness_")) == 16 for r in rows)
+    assert any("push/max_logprob_diff" in r for r in rows)  # the generator's push gate reported
+    assert_complete_checkpoint(out / "checkpoints", step=3, world_size=1)

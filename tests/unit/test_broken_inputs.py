@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gazal_nemo.testing.tiny import write_jsonl
 
@@ -67,7 +69,7 @@ def _medreason_rows(num_rows: int) -> list[dict]:
 
 
 def _mcq_rows(num_rows: int) -> list[dict]:
-    from gazal_nemo.data.mcq import make_synthetic_mcq_rows
+    from gazal_nemo.tasks.mcq import make_synthetic_mcq_rows
 
     return make_synthetic_mcq_rows(num_rows, seed=0)
 
@@ -204,6 +206,30 @@ def _sft_unsupported_suffix(tmp, base):
     return sft_command(tmp, base, data=_write_bytes(tmp / "sft.csv", b"question,answer\nq,a\n"))
 
 
+def _json_lines_with_raw(path: Path, rows: list[dict], raw: dict[int, str]) -> Path:
+    """JSON lines where line i (1-based) is the raw text raw[i] (JSON that json.dumps cannot write)."""
+    lines = [json.dumps(row) for row in rows]
+    for line_number, text in raw.items():
+        lines[line_number - 1] = text
+    return _write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _sft_row_key_given_twice(tmp, base):
+    # JSON keeps the last "answer": the row would silently train on the other letter.
+    twice = ('{"question": "Chest pain. Diagnosis?", "options": ["STEMI", "NSTEMI"], "answer": "A", '
+             '"reasoning": "ST elevation.", "answer": "B"}')
+    data = _json_lines_with_raw(tmp / "sft.jsonl", _medreason_rows(8), {2: twice})
+    return sft_command(tmp, base, data=data, dry_run=False)
+
+
+def _mcq_option_given_twice(tmp, base):
+    # Two "B" options: one is lost and the gold letter would point at another text.
+    twice = ('{"question": "Which option is the word pain?", "options": {"A": "chest", "B": "pain", "B": "plan", '
+             '"C": "leads"}, "answer": "B"}')
+    data = _json_lines_with_raw(tmp / "mcq.jsonl", _mcq_rows(8), {3: twice})
+    return grpo_command(tmp, base, data=data, dry_run=False)
+
+
 # ---- recipes -----------------------------------------------------------------------------
 
 
@@ -238,6 +264,10 @@ def _recipe_bad_yaml(tmp, base):
 
 def _override_bad_yaml(tmp, base):
     return sft_command(tmp, base, "train.max_steps=[1,")
+
+
+def _model_hub_id_offline(tmp, base):
+    return sft_command(tmp, base, "model.hf_path=nobody-here/no-such-model")
 
 
 # ---- output locations --------------------------------------------------------------------
@@ -410,8 +440,14 @@ def _resume_with_only_a_damaged_checkpoint(tmp, base):
 
 CASES = [
     # data
-    Case("sft-malformed-jsonl-lines", _sft_malformed_lines, ["2 of 8 rows are bad", "{tmp}/sft.jsonl line 3"]),
-    Case("mcq-malformed-jsonl-lines", _mcq_malformed_lines, ["2 of 8 rows are bad", "{tmp}/mcq.jsonl line 2"]),
+    Case("sft-malformed-jsonl-lines", _sft_malformed_lines,
+         ["2 of 8 rows are bad", "first: row 3 of {tmp}/sft.jsonl", "{tmp}/sft.jsonl line 3"]),  # rows count from 1
+    Case("mcq-malformed-jsonl-lines", _mcq_malformed_lines,
+         ["2 of 8 rows are bad", "first: row 2: malformed line: {tmp}/mcq.jsonl line 2"]),
+    Case("sft-row-key-given-twice", _sft_row_key_given_twice,
+         ["1 of 8 rows are bad", "first: row 2 of {tmp}/sft.jsonl", "{tmp}/sft.jsonl line 2: key 'answer' is given twice"]),
+    Case("mcq-option-given-twice", _mcq_option_given_twice,
+         ["1 of 8 rows are bad", "first: row 3: malformed line: {tmp}/mcq.jsonl line 3: key 'options.B' is given twice"]),
     Case("sft-not-utf8", _sft_not_utf8, ["{tmp}/sft.jsonl line 1: not UTF-8"]),
     Case("sft-json-array-syntax-error", _sft_json_array_syntax_error, ["{tmp}/sft.json: not valid JSON at line"]),
     Case("sft-parquet-wrong-columns", _sft_parquet_wrong_columns, ["{tmp}/sft.parquet", "missing column(s)"]),
@@ -445,6 +481,9 @@ CASES = [
          ["model.hf_path", "{tmp}/hf has no chat template"]),
     Case("model-path-is-a-file", _model_path_is_a_file, ["model.hf_path='{tmp}/model.bin': not a folder"]),
     Case("model-config-garbage", _model_config_garbage, ["{tmp}/hf/config.json: not valid JSON at line 1"]),
+    Case("model-hub-id-offline", _model_hub_id_offline,
+         ["model.hf_path='nobody-here/no-such-model': no such local folder ({tmp}/nobody-here/no-such-model does not "
+          "exist), and as a hub id it could not be fetched"]),
     Case("eval-model-without-chat-template", _eval_model_without_chat_template, ["{tmp}/hf has no chat template"]),
     Case("convert-model-without-tokenizer", _convert_model_without_tokenizer, ["--hf-dir", "{tmp}/hf has no tokenizer"]),
     # converters
@@ -655,8 +694,7 @@ def test_one_malformed_line_is_a_bad_row_under_max_bad_fraction_not_a_refused_fi
 
 
 def test_one_malformed_mcq_line_is_a_bad_row(tmp_path):
-    from gazal_nemo.data.mcq import load_mcq_prompts
-    from gazal_nemo.rl.config import MCQDataConfig
+    from gazal_nemo.tasks.mcq import MCQDataConfig, load_mcq_prompts
     from gazal_nemo.testing.tiny import make_tiny_tokenizer
 
     path = _jsonl_with_bad_lines(tmp_path / "mcq.jsonl", _mcq_rows(50), {7: b"\xff not utf-8"})
@@ -700,3 +738,284 @@ def test_only_staging_folders_of_dead_local_owners_are_removed(tmp_path):
     removed = remove_stale_stages(tmp_path / "out")
     assert sorted(removed) == sorted([stages["dead"], stages["reused-pid"], old_unowned])
     assert all(stages[name].exists() for name in ("live", "other-host", "fresh-unowned", "other-output"))
+
+
+# ---- recipes that mean one thing, and a --dry-run that refuses what the run refuses (issue 15) --
+#
+# Each row runs the CLI's main() in this process twice, with --dry-run (placed between the
+# overrides, as users type it) and without, and requires the same one error line from both:
+# every rule lives in the schema or in the checks both paths share (gazal_nemo/recipe.py).
+# The dry run goes first; a row whose dry run passes fails before the real run can start.
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """A mistake the dry run and the run must refuse with the same line."""
+
+    name: str
+    build: Callable[[Path, Path], list[str]]
+    """(row folder, tiny HF model folder) -> CLI arguments without --dry-run."""
+    fragments: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    in_row_folder: bool = False
+    """Run with the row's folder as the working directory (relative paths)."""
+    known_gap: str | None = None
+    """Why the row fails today (a strict xfail: it fails the suite once the gap is closed, so the mark goes)."""
+
+
+def _tiny_sft(tmp: Path, hf_dir: Path, *overrides: str, recipe: Path = SFT_RECIPE) -> list[str]:
+    data = write_jsonl(tmp / "sft.jsonl", _medreason_rows(8))
+    return ["sft", "--recipe", str(recipe), f"model.hf_path={hf_dir}", f"sft_data.sources.0.path={data}",
+            *_outputs(tmp), *overrides]
+
+
+def _tiny_grpo(tmp: Path, hf_dir: Path, *overrides: str) -> list[str]:
+    data = write_jsonl(tmp / "mcq.jsonl", _mcq_rows(8))
+    return ["grpo", "--recipe", str(GRPO_RECIPE), f"model.hf_path={hf_dir}", f"grpo.data.path={data}",
+            *_outputs(tmp), *overrides]
+
+
+def _tiny_eval(tmp: Path, hf_dir: Path, data: Path, *flags: str) -> list[str]:
+    return ["eval", "--model", str(hf_dir), "--benchmarks", "medqa", "--data", str(data), "--out",
+            str(tmp / "out"), *flags]
+
+
+def _medqa_rows(num_rows: int) -> list[dict]:
+    return [{"question": f"Q{i}?", "answer": "c", "answer_idx": "C", "options": {"A": "a", "B": "b", "C": "c"}}
+            for i in range(num_rows)]
+
+
+def _with_sft_recipe_text(tmp: Path, edit: Callable[[str], str]) -> Path:
+    path = tmp / "recipe.yaml"
+    path.write_text(edit(SFT_RECIPE.read_text()))
+    return path
+
+
+def _line_of(text: str, line_start: str, occurrence: int = 1) -> int:
+    numbers = [number for number, line in enumerate(text.splitlines(), 1) if line.startswith(line_start)]
+    return numbers[occurrence - 1]
+
+
+_SFT_TEXT = SFT_RECIPE.read_text()
+_OPTIM_LINE = _line_of(_SFT_TEXT, "optim:")
+_SEED_LINE = _line_of(_SFT_TEXT, "  seed: 3407")  # train.seed (sft_data.seed comes later)
+_NUM_SFT_LINES = len(_SFT_TEXT.splitlines())
+
+
+def _model_copy(tmp: Path, hf_dir: Path, **config_changes) -> Path:
+    model = _copy(hf_dir, tmp / "hf")
+    config = json.loads((model / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _missing_local_folder(tmp, hf_dir):
+    (tmp / "runs").mkdir()  # `runs/sft-export` with a runs/ folder here is a local path that is missing
+    return _tiny_sft(tmp, hf_dir, "model.hf_path=runs/sft-export")
+
+
+def _prompts_over_two_ranks(tmp, hf_dir):
+    return _tiny_grpo(tmp, hf_dir, "grpo.prompts_per_step=3", "train.global_batch_size=12", "train.micro_batch_size=2")
+
+
+def _eval_row_key_given_twice(tmp, hf_dir):
+    lines = [json.dumps(row) for row in _medqa_rows(3)]
+    lines[1] = '{"question": "Q1?", "answer": "c", "answer_idx": "C", "answer_idx": "A", "options": {"A": "a", "B": "b", "C": "c"}}'
+    return _tiny_eval(tmp, hf_dir, _write_bytes(tmp / "medqa.jsonl", ("\n".join(lines) + "\n").encode()))
+
+
+def _eval_settings_garbage(tmp, hf_dir):
+    _write_bytes(tmp / "out" / "eval_settings.json", b'{"model": ')
+    return _tiny_eval(tmp, hf_dir, write_jsonl(tmp / "medqa.jsonl", _medqa_rows(3)))
+
+
+PARITY_CASES = [
+    # recipes that mean two things
+    ParityCase("recipe-section-given-twice",
+               lambda tmp, hf: _tiny_sft(tmp, hf, recipe=_with_sft_recipe_text(tmp, lambda t: t + "optim: {lr: 1.0}\n")),
+               [f"optim is given twice (line {_OPTIM_LINE} and line {_NUM_SFT_LINES + 1})", "{tmp}/recipe.yaml"]),
+    ParityCase("recipe-key-given-twice",
+               lambda tmp, hf: _tiny_sft(tmp, hf, recipe=_with_sft_recipe_text(
+                   tmp, lambda t: t.replace("  seed: 3407\n", "  seed: 3407\n  seed: 1\n", 1))),
+               [f"train.seed is given twice (line {_SEED_LINE} and line {_SEED_LINE + 1})"]),
+    # run lengths that would train nothing
+    ParityCase("max-steps-zero", lambda tmp, hf: _tiny_sft(tmp, hf, "train.max_steps=0"),
+               ["train.max_steps=0; allowed: null or integers >= 1"]),
+    ParityCase("max-steps-negative", lambda tmp, hf: _tiny_sft(tmp, hf, "train.max_steps=-1"),
+               ["train.max_steps=-1; allowed: null or integers >= 1"]),
+    ParityCase("epochs-zero", lambda tmp, hf: _tiny_grpo(tmp, hf, "train.epochs=0"), ["train.epochs=0; allowed: integers >= 1"]),
+    ParityCase("stop-at-step-zero", lambda tmp, hf: _tiny_sft(tmp, hf, "train.stop_at_step=0"),
+               ["train.stop_at_step=0; allowed: null or integers >= 1"]),
+    ParityCase("save-every-negative", lambda tmp, hf: _tiny_sft(tmp, hf, "checkpoint.save_every=-1"),
+               ["checkpoint.save_every=-1; allowed: integers >= 0"]),
+    ParityCase("log-every-zero", lambda tmp, hf: _tiny_grpo(tmp, hf, "logging.log_every=0"),
+               ["logging.log_every=0; allowed: integers >= 1"]),
+    # numbers that are not finite
+    ParityCase("lr-infinite", lambda tmp, hf: _tiny_sft(tmp, hf, "optim.lr=.inf"), ["optim.lr=inf; allowed: a finite number"]),
+    ParityCase("eps-high-nan", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.loss.eps_high=.nan"),
+               ["grpo.loss.eps_high=nan; allowed: a finite number"]),
+    # rules that compare two keys (they lived in the stages, out of the dry run's sight)
+    ParityCase("max-length-vs-seq-length", lambda tmp, hf: _tiny_sft(tmp, hf, "sft_data.max_length=128"),
+               ["sft_data.max_length=128 must equal train.seq_length=256"]),
+    ParityCase("train-adapter-without-adapter", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.train_adapter=true"),
+               ["grpo.train_adapter=true but the recipe has no adapter section"]),
+    ParityCase("prompts-per-step-vs-data-parallel", _prompts_over_two_ranks,
+               ["grpo.prompts_per_step=3 must divide by the data-parallel size 2"], env={"WORLD_SIZE": "2", "RANK": "0"}),
+    ParityCase("grpo-with-pipeline-parallel", lambda tmp, hf: _tiny_grpo(tmp, hf, "parallel.pp=2"),
+               ["parallel.pp=2 with stage grpo"], env={"WORLD_SIZE": "2", "RANK": "0"}),
+    ParityCase("reward-plugin-missing",
+               lambda tmp, hf: _tiny_grpo(tmp, hf, 'grpo.rewards.plugins={"no_such_pkg.mod:fn": 1.0}'),
+               ["grpo.rewards.plugins: cannot import module 'no_such_pkg.mod'"]),
+    # errors name the key as the recipe writes it
+    ParityCase("eps-low-full-key", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.loss.eps_low=2"),
+               ["grpo.loss.eps_low=2.0; allowed: 0 <= x < 1"]),
+    ParityCase("sampling-full-key", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.sampling.top_p=1.5"),
+               ["grpo.sampling.top_p=1.5"]),
+    ParityCase("rewards-full-key", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.rewards.cosine_max_length=0"),
+               ["grpo.rewards.cosine_max_length=0"]),
+    ParityCase("data-full-key", lambda tmp, hf: _tiny_grpo(tmp, hf, "grpo.data.subset_fraction=0"),
+               ["grpo.data.subset_fraction=0.0"]),
+    ParityCase("source-full-key", lambda tmp, hf: _tiny_sft(tmp, hf, "sft_data.sources.0.weight=0"),
+               ["sft_data.sources[0].weight=0.0; allowed: finite numbers > 0"]),
+    # model folders
+    ParityCase("missing-local-folder-taken-for-a-hub-id", _missing_local_folder,
+               ["model.hf_path='runs/sft-export': no such folder: {tmp}/runs/sft-export does not exist"],
+               in_row_folder=True),
+    ParityCase("sft-vocab-smaller-than-tokenizer",
+               lambda tmp, hf: _tiny_sft(tmp, hf, f"model.hf_path={_model_copy(tmp, hf, vocab_size=300)}"),
+               ["model.hf_path", "{tmp}/hf/config.json has vocab_size=300, smaller than its tokenizer"]),
+    ParityCase("grpo-vocab-smaller-than-tokenizer",
+               lambda tmp, hf: _tiny_grpo(tmp, hf, f"model.hf_path={_model_copy(tmp, hf, vocab_size=300)}"),
+               ["{tmp}/hf/config.json has vocab_size=300, smaller than its tokenizer"]),
+    ParityCase("eval-vocab-smaller-than-tokenizer",
+               lambda tmp, hf: _tiny_eval(tmp, _model_copy(tmp, hf, vocab_size=300),
+                                          write_jsonl(tmp / "medqa.jsonl", _medqa_rows(3))),
+               ["{tmp}/hf/config.json has vocab_size=300, smaller than its tokenizer"]),
+    ParityCase("config-without-head-dim",
+               lambda tmp, hf: _tiny_sft(tmp, hf, f"model.hf_path={_model_copy(tmp, hf, head_dim=None)}"),
+               ["{tmp}/hf/config.json: no head_dim; transformers reads that as 128, but hidden_size / "
+                "num_attention_heads = 64 / 4 = 16"]),
+    # data rows and eval folders
+    ParityCase("eval-row-key-given-twice", _eval_row_key_given_twice,
+               ["1 of 3 rows are bad", "first: row 2: malformed row: {tmp}/medqa.jsonl line 2: key 'answer_idx' is given twice"]),
+    ParityCase("eval-settings-garbage", _eval_settings_garbage, ["{tmp}/out/eval_settings.json"]),
+]
+
+
+def _with_dry_run(argv: list[str]) -> list[str]:
+    """--dry-run between the overrides of a stage command (after the first), else at the end."""
+    if argv[0] in ("sft", "grpo"):
+        return argv[:4] + ["--dry-run"] + argv[4:]
+    return [*argv, "--dry-run"]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=case.name,
+                 marks=[pytest.mark.xfail(strict=True, reason=case.known_gap)] if case.known_gap else [])
+    for case in PARITY_CASES])
+def test_dry_run_refuses_what_the_run_refuses(case: ParityCase, tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from gazal_nemo.cli import main
+
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    if case.in_row_folder:
+        monkeypatch.chdir(tmp_path)
+    argv = case.build(tmp_path, Path(tiny_hf_dir))
+    lines = {}
+    for mode, args in (("dry run", _with_dry_run(argv)), ("run", argv)):
+        code = main(args)
+        captured = capsys.readouterr()
+        shown = f"{mode}: gazal {' '.join(args)}\nstdout:\n{captured.out[-2000:]}\nstderr:\n{captured.err[-3000:]}"
+        assert code == 2 and "Traceback" not in captured.err, shown
+        lines[mode] = _error_line(captured.err)
+        for fragment in case.fragments:
+            assert fragment.format(tmp=tmp_path) in lines[mode], f"{fragment.format(tmp=tmp_path)!r} not in\n{shown}"
+    assert lines["dry run"] == lines["run"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_between_overrides_applies_the_later_ones(tiny_hf_dir, tmp_path, capsys):
+    from gazal_nemo.cli import main
+
+    argv = _with_dry_run(_tiny_sft(tmp_path, Path(tiny_hf_dir), "train.max_steps=7", "optim.lr=0.5"))
+    assert argv.index("--dry-run") < argv.index("train.max_steps=7")
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)  # the dry run prints the validated recipe as YAML
+    assert printed["train"]["max_steps"] == 7 and printed["optim"]["lr"] == 0.5
+    with pytest.raises(SystemExit) as exited:  # an unknown flag among the overrides is still refused
+        main([*argv, "--dryrun"])
+    assert exited.value.code == 2 and "unrecognized arguments: --dryrun" in capsys.readouterr().err
+
+
+def test_plan_of_a_qwen3_hub_id_works_offline(tmp_path):
+    """`gazal plan` on a hub id reads the shipped published config: offline, with an empty HF cache,
+    it prints the same plan as for a local folder holding that config.json."""
+    from gazal_nemo.models.qwen3_configs import PUBLISHED_QWEN3_CONFIGS
+
+    recipe = REPO / "recipes" / "grpo_qwen3_32b.yaml"
+    env = {**cli_env(tmp_path), "HF_HOME": str(tmp_path / "empty_hf_home")}
+    local = tmp_path / "qwen3_32b"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps(PUBLISHED_QWEN3_CONFIGS["Qwen/Qwen3-32B"]))
+    script = ("import sys\nfrom gazal_nemo.cli import main\n"
+              "for model in sys.argv[1:]:\n"
+              f"    code = main(['plan', '--recipe', {str(recipe)!r}, '--te', 'on', 'model.hf_path=' + model])\n"
+              "    print(f'=== exit {code}', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, "Qwen/Qwen3-32B", str(local)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=ROW_TIMEOUT_S)
+    assert "Traceback" not in proc.stderr and proc.returncode == 0, proc.stderr
+    hub, hub_code, folder, folder_code, _ = re.split(r"=== exit (\d+)\n", proc.stdout)
+    assert hub_code == folder_code and hub_code in ("0", "1"), proc.stdout + proc.stderr  # a verdict, not an error
+    assert hub.strip() and hub == folder.replace(str(local), "Qwen/Qwen3-32B"), proc.stdout
+    assert not (tmp_path / "empty_hf_home").exists()  # nothing was looked up
+
+
+def test_reports_count_rows_from_one(tmp_path):
+    """The SFT, MCQ and benchmark loaders name the same broken line 3 as row 3."""
+    from gazal_nemo.data.config import DataSourceConfig, SFTDataConfig
+    from gazal_nemo.data.sft import build_sft_documents
+    from gazal_nemo.eval.loaders import load_benchmark
+    from gazal_nemo.tasks.mcq import MCQDataConfig, load_mcq_prompts
+    from gazal_nemo.testing.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    sft = _jsonl_with_bad_lines(tmp_path / "sft.jsonl", _medreason_rows(20), {3: b"{cut"})
+    _, report = build_sft_documents(SFTDataConfig(sources=[DataSourceConfig(path=str(sft), format="medreason")],
+                                                  system_prompt="S", max_length=256, max_bad_fraction=0.5), tokenizer)
+    assert f"bad row 3 of {sft}: malformed line: {sft} line 3" in report.summary()
+    mcq = _jsonl_with_bad_lines(tmp_path / "mcq.jsonl", _mcq_rows(20), {3: b"{cut"})
+    _, report = load_mcq_prompts(MCQDataConfig(path=str(mcq), subset_fraction=1.0, system_prompt="S",
+                                               max_bad_fraction=0.5), tokenizer)
+    assert f"bad row 3: malformed line: {mcq} line 3" in report.summary()
+    rows = _medqa_rows(20)
+    rows[2]["answer_idx"] = "Z"
+    _, report = load_benchmark("medqa", str(write_jsonl(tmp_path / "medqa.jsonl", rows)), max_bad_fraction=0.5)
+    assert "bad row 3: answer" in report.summary()
+
+
+def test_a_json_array_element_with_a_key_given_twice_is_a_bad_row(tmp_path):
+    from gazal_nemo.data.sources import MALFORMED_FIELD, read_json_rows
+
+    text = ('[{"question": "a", "answer": "A"},\n'
+            ' {"question": "b", "options": {"A": "x", "A": "y"}, "answer": "A"},\n'
+            ' {"question": "c", "answer": "A", "nested": [{"k": 1, "k": 2}]}]')
+    rows = read_json_rows(_write_bytes(tmp_path / "rows.json", text.encode()))
+    assert rows[0] == {"question": "a", "answer": "A"}
+    assert rows[1] == {MALFORMED_FIELD: f"{tmp_path}/rows.json element 2: key 'options.A' is given twice "
+                                        "(JSON keeps only the last value)"}
+    assert "element 3: key 'nested.0.k' is given twice" in rows[2][MALFORMED_FIELD]
+
+
+def test_authors_pubmedqa_file_with_a_pmid_given_twice_is_a_bad_row(tmp_path):
+    from gazal_nemo.eval.loaders import read_rows
+
+    row = '{"QUESTION": "q?", "CONTEXTS": ["c"], "final_decision": "yes"}'
+    path = _write_bytes(tmp_path / "ori_pqal.json", f'{{"1": {row}, "2": {row}, "1": {row}}}'.encode())
+    rows = read_rows(str(path))
+    assert [r.get("_key") for r in rows] == [None, "2"]  # JSON kept one "1"; it is reported, not used
+    assert "row 1 (1): key '1' is given twice" in rows[0]["__malformed__"]

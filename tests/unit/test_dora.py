@@ -197,14 +197,19 @@ def _check_merge(hf_dir, ids, pos) -> dict:
     model.eval()
     layers = adapted_layers(model)
     base = [layer.base.weight.detach().clone() for layer in layers]
+    # merged_weight() (what a weight push and an export read) must leave W alone, fp32 W included.
+    read = [layer.merged_weight() for layer in layers]
+    read_moved_w = max((layer.base.weight - w).abs().max().item() for layer, w in zip(layers, base))
     with torch.no_grad():
         adapted = model(ids[0], pos, None)
         merge_adapter(model)
         merged = model(ids[0], pos, None)
         changed = min((layer.base.weight - w).abs().max().item() for layer, w in zip(layers, base))
+        read_err = max((layer.base.weight - w).abs().max().item() for layer, w in zip(layers, read))
         unmerge_adapter(model)
         after = model(ids[0], pos, None)
     return dict(merge_changed_w=changed, merged_logits_err=(merged - adapted).abs().max().item(),
+                merged_weight_moved_w=read_moved_w, merged_weight_err=read_err,
                 unmerge_w_err=max((layer.base.weight - w).abs().max().item() for layer, w in zip(layers, base)),
                 unmerge_logits_err=(after - adapted).abs().max().item())
 
@@ -286,6 +291,8 @@ def test_norm_is_computed_once_per_optimizer_step_with_recompute(layer_results):
 
 def test_merge_then_unmerge(layer_results):
     assert layer_results["merge_changed_w"] > 1e-3
+    assert layer_results["merged_weight_moved_w"] == 0.0  # reading the merged weight does not merge it
+    assert layer_results["merged_weight_err"] < 1e-6
     assert layer_results["merged_logits_err"] < 1e-4
     assert layer_results["unmerge_w_err"] < 1e-6  # float32 weights
     assert layer_results["unmerge_logits_err"] < 1e-4

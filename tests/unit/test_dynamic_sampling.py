@@ -4,10 +4,10 @@ keeps its size."""
 
 import torch
 
+from gazal_nemo.inference.protocol import Completion
 from gazal_nemo.rl.advantages import group_advantages
 from gazal_nemo.rl.config import RewardConfig
 from gazal_nemo.rl.rewards import build_rewards, reward_inputs, score_completions
-from gazal_nemo.rl.rollout import Completion
 from gazal_nemo.rl.rollout_batch import ScoredGroups, fill_with_informative_groups, informative_groups
 
 G = 2  # generations per prompt

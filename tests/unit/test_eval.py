@@ -69,7 +69,7 @@ def test_medmcqa_zero_based_cop(tmp_path):
 
 def test_medmcqa_refuses_one_based_hidden_and_out_of_range_labels(tmp_path):
     one_based = [dict(MEDMCQA, cop=c) for c in (1, 2, 4, 3)]
-    with pytest.raises(ValueError, match=r"row 2: cop=4 .*numbers options 1-4"):
+    with pytest.raises(ValueError, match=r"row 3: cop=4 .*numbers options 1-4"):
         load_benchmark("medmcqa", _write(tmp_path, "one.jsonl", one_based))
     no_zero = [dict(MEDMCQA, cop=1 + i % 3) for i in range(20)]  # 1-based without a 4 in it
     with pytest.raises(ValueError, match="no row has cop=0 in 20 rows: the labels look 1-based"):
@@ -77,7 +77,7 @@ def test_medmcqa_refuses_one_based_hidden_and_out_of_range_labels(tmp_path):
     hidden = [dict(MEDMCQA, cop=-1)] * 3
     with pytest.raises(ValueError, match="hides its labels"):
         load_benchmark("medmcqa", _write(tmp_path, "test.jsonl", hidden))
-    with pytest.raises(ValueError, match=r"row 1: cop=7 is not an option index 0-3"):
+    with pytest.raises(ValueError, match=r"row 2: cop=7 is not an option index 0-3"):
         load_benchmark("medmcqa", _write(tmp_path, "junk.jsonl", [MEDMCQA, dict(MEDMCQA, cop=7)]))
 
 

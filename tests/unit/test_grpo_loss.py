@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from gazal_nemo.inference.sampling import token_logprobs
 from gazal_nemo.rl.config import GRPOLossConfig
 from gazal_nemo.rl.loss import count_loss_tokens, grpo_loss
-from gazal_nemo.rl.sampling import token_logprobs
 
 
 def _loss(logprobs, old, advantages, mask, truncated, **config):
@@ -194,9 +194,9 @@ def test_missing_inputs_and_bad_config():
         _loss(logp, old, advantages, mask, none, normalisation="dapo")
     with pytest.raises(ValueError, match="ref_logprobs"):
         _loss(logp, old, advantages, mask, none, beta=0.1)
-    with pytest.raises(ValueError, match="grpo.normalisation"):
+    with pytest.raises(ValueError, match="grpo.loss.normalisation"):
         GRPOLossConfig(normalisation="token")
-    with pytest.raises(ValueError, match="grpo.eps_low"):
+    with pytest.raises(ValueError, match="grpo.loss.eps_low"):
         GRPOLossConfig(eps_low=1.5)
 
 
@@ -230,6 +230,29 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
         _loss(logp, old, advantages, mask, truncated, tis_cap=2.0)
     with pytest.raises(ValueError, match="grpo.loss.tis_cap"):
         GRPOLossConfig(tis_cap=0.5)
+
+
+def test_sequence_masking_drops_completions_too_far_off_policy_and_kl_is_logged():
+    """MIS: a completion whose mean log(pi_old / pi_sampler) leaves [-log M, log M] gets no gradient;
+    the others get exactly the plain one. The sampler-trainer KL is the k3 mean, by hand."""
+    logp, old, advantages, mask = _random_batch(seed=5, noise=0.0)
+    truncated = torch.zeros(4, dtype=torch.bool)
+    shift = torch.tensor([0.05, -0.9, 0.0, 0.6])[:, None].expand(4, 6)  # per-sequence log(pi_old / pi_sampler)
+    sampler = old - shift
+    loss, metrics = _loss(logp, old, advantages, mask, truncated, sampler_logprobs=sampler, mis_threshold=1.5)
+    loss.backward()
+    masked_grad = logp.grad.clone()
+    logp.grad = None
+    _loss(logp, old, advantages, mask, truncated)[0].backward()
+    kept = (shift[:, 0].abs() <= math.log(1.5))[:, None]  # sequences 1 (-0.9) and 3 (+0.6) are dropped
+    assert kept.squeeze(-1).tolist() == [True, False, True, False]
+    torch.testing.assert_close(masked_grad, logp.grad * kept)
+    dropped_tokens = (mask & ~kept).sum().item()
+    assert metrics["mis_masked_frac"].item() == pytest.approx(dropped_tokens / mask.sum().item())
+    k3 = torch.expm1(shift) - shift
+    assert metrics["kl_sampler"].item() == pytest.approx(((k3 * mask).sum() / mask.sum()).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="grpo.loss.mis_threshold"):
+        GRPOLossConfig(mis_threshold=1.0)
 
 
 @pytest.mark.parametrize("mode, reaches_outside", [("temperature", True), ("filtered", False)])

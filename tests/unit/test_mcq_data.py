@@ -5,16 +5,16 @@ import json
 
 import pytest
 
-from gazal_nemo.data.mcq import (
+from gazal_nemo.tasks.mcq import (
     SYNTHETIC_WORDS,
+    MCQDataConfig,
+    accuracy_reward,
     build_mcq_prompts,
     load_mcq_prompts,
     make_synthetic_mcq_rows,
     mcq_messages,
     parse_mcq_row,
 )
-from gazal_nemo.rl.config import MCQDataConfig
-from gazal_nemo.rl.rewards import accuracy_reward
 from gazal_nemo.testing.tiny import make_tiny_tokenizer, write_jsonl
 
 SHORT_SYSTEM = "Answer with \\boxed{X}."
@@ -61,7 +61,7 @@ def test_parse_rows_normalises_letters_and_orders_options():
     (dict(question="q", options=["x", "y"], answer=None), "answer"),
 ])
 def test_bad_rows_say_why(row, reason):
-    from gazal_nemo.data.sft import BadRowError
+    from gazal_nemo.data.sources import BadRowError
 
     with pytest.raises(BadRowError, match=f"^{reason}"):
         parse_mcq_row(row["question"], row["options"], row["answer"])
@@ -129,8 +129,8 @@ def test_bad_rows_are_counted_by_index_and_thresholded(tokenizer):
     assert report.num_bad == 3 and [bad.row for bad in report.bad_rows] == [3, 11, 17]
     assert report.bad_rows[0].reason.startswith("answer")
     assert len(prompts) == 17 and {3, 11, 17}.isdisjoint(p.row for p in prompts)
-    assert "bad row 3" in report.summary()
-    with pytest.raises(ValueError, match="3 of 20 rows are bad .*data.max_bad_fraction=0.1"):
+    assert "bad row 4: answer" in report.summary()  # reports count rows from 1
+    with pytest.raises(ValueError, match=r"3 of 20 rows are bad .*grpo\.data\.max_bad_fraction=0.1.*first: row 4:"):
         build_mcq_prompts(rows, _cfg(max_bad_fraction=0.1), tokenizer)
 
 
@@ -180,9 +180,9 @@ def test_synthetic_task_is_verifiable_and_short(tokenizer):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="data.subset_fraction"):
+    with pytest.raises(ValueError, match=r"grpo\.data\.subset_fraction"):
         MCQDataConfig(path="x.jsonl", subset_fraction=0.0)
-    with pytest.raises(ValueError, match="data.max_prompt_length"):
+    with pytest.raises(ValueError, match=r"grpo\.data\.max_prompt_length"):
         MCQDataConfig(path="x.jsonl", max_prompt_length=0)
     cfg = MCQDataConfig(path="x.jsonl")
     assert (cfg.max_prompt_length, cfg.subset_fraction) == (3072, 0.1)

@@ -159,7 +159,8 @@ def test_shipped_32b_recipes_fit_8_and_2_h100(qwen3_32b_dir, no_launcher, te):
 
 
 def test_old_grpo_settings_do_not_fit_and_name_the_largest_item(qwen3_32b_dir, no_launcher):
-    old = ["train.micro_batch_size=4", "grpo.rollout.max_batch_size=128", "precision.grad_reduce_in_fp32=true"]
+    old = ["train.micro_batch_size=4", "grpo.rollout.engine=megatron", "grpo.rollout.megatron.max_batch_size=128",
+           "precision.grad_reduce_in_fp32=true"]
     code, out, _ = _gazal("plan", "--world-size", "8", "--recipe", "recipes/grpo_qwen3_32b.yaml",
                           f"model.hf_path={qwen3_32b_dir}", *old)
     assert code == 1, out
@@ -170,6 +171,23 @@ def test_old_grpo_settings_do_not_fit_and_name_the_largest_item(qwen3_32b_dir, n
     code, out, _ = _gazal("plan", "--nodes", "2", "--recipe", "recipes/grpo_qwen3_32b.yaml",
                           f"model.hf_path={qwen3_32b_dir}", *old)
     assert "dp 2" in out and re.search(r"^optimizer states \+ main params\s+static\s+22\.8\d", out, re.M), out
+
+
+def test_vllm_share_is_weights_workspace_and_kv_cache_and_a_budget_without_room_is_refused(qwen3_32b_dir):
+    code, out, _ = _gazal("plan", "--world-size", "8", "--te", "on", "--recipe", "recipes/grpo_qwen3_32b.yaml",
+                          f"model.hf_path={qwen3_32b_dir}")
+    assert code == 0, out
+    # The merged bf16 copy on one TP rank is exactly the trainer's bf16 weights (4.096B params x 2 B).
+    weights = re.search(r"^weights\s+static\s+([\d.]+)", out, re.M).group(1)
+    assert re.search(rf"^vLLM weights \(merged copy\)\s+rollout\s+{weights}", out, re.M), out
+    kv = re.search(r"^vLLM KV cache\s+rollout\s+([\d.]+).*: ([\d,]+) tokens", out, re.M)
+    per_token = 64 * 2 * 1 * 128 * 2  # layers x (k, v) x kv heads per TP rank x head_dim x bf16
+    assert abs(int(kv.group(2).replace(",", "")) * per_token / 2**30 - float(kv.group(1))) < 0.01
+    assert float(kv.group(1)) == pytest.approx(0.16 * 80 - float(weights) - 1.5, abs=0.01)
+    assert re.search(r"^vLLM asleep\s+static", out, re.M)  # sleep level 2: the rest is rollout-phase only
+    code, out, _ = _gazal("plan", "--world-size", "8", "--te", "on", "--recipe", "recipes/grpo_qwen3_32b.yaml",
+                          f"model.hf_path={qwen3_32b_dir}", "grpo.rollout.vllm.gpu_memory_utilization=0.11")
+    assert code == 1 and "DOES NOT FIT: grpo.rollout.vllm.gpu_memory_utilization=0.11 leaves vLLM" in out, out
 
 
 def test_cpu_offload_moves_the_optimizer_to_the_host_in_the_plan(qwen3_32b_dir):

@@ -10,16 +10,15 @@ from hypothesis import strategies as st
 from gazal_nemo.rl.config import RewardConfig
 from gazal_nemo.rl.rewards import (
     RewardInput,
-    accuracy_reward,
     build_rewards,
     cosine_length_reward,
-    extract_answer_letter,
     format_reward,
     load_reward_fn,
     repetition_penalty_reward,
     reward_inputs,
     score_completions,
 )
+from gazal_nemo.tasks.mcq import accuracy_reward, extract_answer_letter
 
 OPTIONS = ("A", "B", "C", "D", "E")
 GOOD = ("<think>\nThe troponin is high and the ECG shows ST elevation.\n</think>\n\n"

@@ -5,14 +5,14 @@ single-process one on the same full logits."""
 import pytest
 import torch
 
-from gazal_nemo.rl.config import SamplingConfig
-from gazal_nemo.rl.sampling import (
+from gazal_nemo.inference.sampling import (
     OUT_OF_FILTER_LOGPROB,
     filter_logits,
     sample_tokens,
     token_entropy,
     token_logprobs,
 )
+from gazal_nemo.rl.config import SamplingConfig
 from gazal_nemo.testing.multiproc import run_distributed
 
 SETTINGS = [(0.6, 20, 0.95), (1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 5, 1.0), (0.6, 100, 0.5), (1.0, 1, 0.95), (3.0, 10, 0.9)]
@@ -127,8 +127,8 @@ TP_SETTINGS = [(0.6, 20, 0.95), (1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 5, 1.0), (0.
 def _vocab_parallel_worker(logits, targets, weights, settings):
     from megatron.core import parallel_state
 
+    from gazal_nemo.inference.sampling import vocab_parallel_token_entropy, vocab_parallel_token_logprobs
     from gazal_nemo.parallel import init_parallel
-    from gazal_nemo.rl.sampling import vocab_parallel_token_entropy, vocab_parallel_token_logprobs
 
     init_parallel(tp=2)
     rank = parallel_state.get_tensor_model_parallel_rank()

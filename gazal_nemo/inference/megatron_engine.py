@@ -1,70 +1,76 @@
-"""Rollout engines: generate GRPO completions with the policy's current weights.
+"""The megatron engine: generation on the (unwrapped) megatron model of this rank.
 
-One small interface (`generate(prompts) -> list[Completion]`, `sync_weights()`), engines:
-  * "megatron": megatron-core's static KV cache (StaticInferenceContext) driven by our
-    sampling loop, on the training model itself: no weight copy, batched, left-padded.
-  * "torch": the same loop without a KV cache (a full forward per token): slow, but the
-    plainest possible reference; tests check the two agree.
-  * "vllm": see rl/vllm_engine.py (optional extra).
-Sampling follows the recipe (temperature, top-k, top-p) through rl.sampling.filter_logits,
-the same filter the trainer applies when it recomputes log-probs. All TP ranks draw with
-identically seeded generators from identical gathered logits, so they agree on every token.
+megatron-core's static KV cache (StaticInferenceContext) driven by our own sampling loop,
+on the training model itself: no weight copy, so `sync_weights` only records the version.
+Batched and left-padded; with `use_kv_cache=False` the same loop runs a full forward per
+token ("torch", the plainest possible reference; tests check the two agree). Sampling
+follows the settings through inference.sampling.filter_logits, the same filter the
+trainer applies when it recomputes log-probs. All TP ranks draw with identically seeded
+generators from identical gathered logits, so they agree on every token; one generator
+draws the whole call, so the prompts of a group get independent samples.
 
 Left padding is exact for Qwen3: RoPE makes attention depend only on relative positions,
 and padded keys are masked out, so a row's tokens see what they would see unpadded.
+Prompts longer than the model's context are answered `prompt_too_long`, and a
+completion stops at the context limit (`length`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from gazal_nemo.rl.sampling import sample_tokens, token_logprobs
+from gazal_nemo.inference.protocol import Completion, PushReport, SamplingSettings, prompt_too_long
+from gazal_nemo.inference.sampling import sample_tokens, token_logprobs
 
 
-@dataclass
-class Completion:
-    """One sampled completion."""
-
-    prompt_index: int
-    tokens: list[int]  # generated ids, including the stop token when there is one
-    truncated: bool  # hit max_new_tokens before a stop token
-    logprobs: list[float] | None = None  # sampler's log-prob of each token (None when greedy)
-
-
-class MegatronRolloutEngine:
-    """Generation on the (unwrapped) megatron training model of this rank; pp must be 1."""
+class MegatronEngine:
+    """Generation on this rank's megatron model stage; pp must be 1."""
 
     def __init__(self, model, *, stop_token_ids: list[int], pad_token_id: int, max_batch_size: int = 64,
-                 use_kv_cache: bool = True):
+                 use_kv_cache: bool = True, max_model_len: int | None = None):
         from megatron.core import parallel_state as ps
 
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("grpo.rollout.engine megatron/torch needs parallel.pp=1; use engine vllm with pp>1")
+            raise ValueError("the megatron/torch engines need parallel.pp=1; use the vllm engine with pp>1")
+        self.name = "megatron" if use_kv_cache else "torch"
         self.model = model
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids)))
         self.pad_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.use_kv_cache = use_kv_cache
+        self.max_model_len = max_model_len or getattr(model, "max_sequence_length", None)
+        self.policy_version = 0
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, version: int) -> PushReport:
         """Nothing to copy: the engine generates with the training weights themselves."""
+        self.policy_version = version
+        return PushReport(version=version)
+
+    def release_memory(self) -> None:
+        """The KV cache lives only inside a generate call: nothing held between rollouts."""
+
+    def close(self) -> None:
+        """Nothing of its own to free: the model is the trainer's."""
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float, seed: int) -> list[Completion]:
-        """Completions for `prompts` (one each); the same seed on every TP rank keeps them in step."""
+    def generate(self, prompts, sampling: SamplingSettings) -> list[Completion]:
+        """One completion per prompt; the same seed on every TP rank keeps them in step."""
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        limit = self.max_model_len
+        fits = [i for i, p in enumerate(prompts) if limit is None or len(p) < limit]
+        out: dict[int, Completion] = {i: prompt_too_long(i, self.policy_version)
+                                      for i in sorted(set(range(len(prompts))) - set(fits))}
         try:
-            out = []
-            for start in range(0, len(prompts), self.max_batch_size):
-                chunk = prompts[start:start + self.max_batch_size]
-                out += self._generate_batch(chunk, start, max_new_tokens, temperature, top_k, top_p, generator)
-            return out
+            for start in range(0, len(fits), self.max_batch_size):
+                rows = fits[start:start + self.max_batch_size]
+                for row, completion in zip(rows, self._generate_batch([list(prompts[i]) for i in rows], sampling,
+                                                                      generator)):
+                    completion.prompt_index = row
+                    out[row] = completion
+            return [out[i] for i in range(len(prompts))]
         finally:
             self.model.train(was_training)
 
@@ -75,11 +81,14 @@ class MegatronRolloutEngine:
         logits = self.model(tokens_BS, positions_BS, mask, **kwargs)
         return logits[:, -1].float()  # runtime_gather_output: full vocabulary on every TP rank
 
-    def _generate_batch(self, prompts, offset, max_new, temperature, top_k, top_p, generator):
+    def _generate_batch(self, prompts, sampling: SamplingSettings, generator):
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = next(self.model.parameters()).device
         batch, longest = len(prompts), max(len(p) for p in prompts)
+        max_new = sampling.max_new_tokens
+        if self.max_model_len is not None:
+            max_new = min(max_new, self.max_model_len - longest)
         total = longest + max_new
         tokens = torch.full((batch, total), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros((batch, total), dtype=torch.bool, device=device)
@@ -94,7 +103,8 @@ class MegatronRolloutEngine:
         length = longest
         logits = self._step(tokens, valid, length, 0, context)  # prefill the prompts
         for _ in range(max_new):
-            next_tok, next_logprob = _next_tokens(logits, temperature, top_k, top_p, generator)
+            next_tok, next_logprob = _next_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                                  generator)
             next_tok = torch.where(finished, torch.full_like(next_tok, self.pad_id), next_tok.to(device))
             logprobs[:, length - longest] = next_logprob.to(device)
             tokens[:, length] = next_tok
@@ -105,10 +115,9 @@ class MegatronRolloutEngine:
             if bool(finished.all()) or length == total:
                 break
             logits = self._step(tokens, valid, length, length - 1, context)
-        greedy = temperature == 0
-        return [Completion(prompt_index=offset + row, tokens=tokens[row, longest:longest + lengths[row]].tolist(),
-                           truncated=not bool(finished[row]),
-                           logprobs=None if greedy else logprobs[row, :lengths[row]].tolist())
+        return [Completion(prompt_index=row, tokens=tokens[row, longest:longest + lengths[row]].tolist(),
+                           truncated=not bool(finished[row]), policy_version=self.policy_version,
+                           logprobs=None if sampling.greedy else logprobs[row, :lengths[row]].tolist())
                 for row in range(batch)]
 
     def _step(self, tokens, valid, length, new_from, context):

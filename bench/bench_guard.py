@@ -1,0 +1,192 @@
+"""The collapse guard's benchmark: every induced collapse type and healthy runs over several
+seeds on the tiny CPU pipeline. Per type: steps from the onset to the rollback, which rules
+fired, how far the policy went, whether the run ended at its pre-collapse accuracy; healthy:
+false alarms per 1,000 judged steps. Results go to docs/GRPO.md by hand (the table this script
+prints) with the plots it draws, one per type.
+
+    python bench/bench_guard.py                                  # all of it (~45 min on 2 CPU cores)
+    python bench/bench_guard.py --cases markup,healthy --seeds 1 --healthy-seeds 1
+    python bench/bench_guard.py --report --plots-dir docs   # tables and plots of every run recorded so far
+
+Settings (gazal_nemo/testing/guard_bench.py): the tiny Qwen3 after 130 SFT steps on answers
+with a bold word (35% written with every word in bold), the tiny GRPO recipe
+(recipes/tiny_cpu_grpo.yaml) at sampling temperature 1.0, the guard's defaults, checkpoints
+every 5 steps; a collapse case pays for its behaviour from step `--first` to `--last`
+(wall-clock steps, so a rollback leaves the window behind), for `--steps` steps in all.
+Writes <out-dir>/guard/<case>_seed<k>/logs, <out-dir>/bench_guard.jsonl (one record a run),
+<out-dir>/bench_guard.md (the tables) and <plots-dir>/guard_<type>.svg (the first run of each type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gazal_nemo.testing.guard_bench import (  # noqa: E402
+    BENCH_OVERRIDES,
+    CASES,
+    collapse_env,
+    grpo_overrides,
+    judge_run,
+    judged_steps,
+)
+
+BENCH = "bench_guard"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument("--seeds", default="1,2", help="train.seed values of each collapse case")
+    parser.add_argument("--healthy-seeds", default="1,2,3,4", help="train.seed values of the healthy runs")
+    parser.add_argument("--steps", type=int, default=40, help="GRPO steps of a collapse run")
+    parser.add_argument("--healthy-steps", type=int, default=60, help="GRPO steps of a healthy run")
+    parser.add_argument("--first", type=int, default=16, help="first step the collapse reward pays")
+    parser.add_argument("--last", type=int, default=25, help="last step the collapse reward pays")
+    parser.add_argument("--out-dir", default="runs/bench")
+    parser.add_argument("--plots-dir", default=None, help="where guard_<case>.svg go (default: the out-dir)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: the tables of every record in <out-dir>/bench_guard.jsonl (and the plots "
+                             "of each type's first record, with --plots-dir)")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; allowed: {', '.join(CASES)}")
+    return args
+
+
+def _cli(args: list[str], *, env: dict | None = None, log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "gazal_nemo.cli", *args], cwd=ROOT, stdout=out,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+    return proc.returncode
+
+
+def prepare_model(work: Path) -> dict:
+    """The tiny Qwen3 after SFT on markdown answers (as tests/e2e/test_grpo_guard.py makes it); reused when present."""
+    from gazal_nemo.commands.demo_data import fact_mcq_rows
+    from gazal_nemo.testing.collapse import markdown_sft_rows
+    from gazal_nemo.testing.tiny import make_tiny_qwen3, write_jsonl
+
+    merged = work / "sft" / "export" / "merged"
+    grpo = work / "grpo.jsonl"
+    if not (merged / "config.json").is_file():
+        base = make_tiny_qwen3(work / "base", seed=0)
+        sft = write_jsonl(work / "sft.jsonl", markdown_sft_rows(256, seed=0))
+        write_jsonl(grpo, fact_mcq_rows(256, seed=7))
+        rc = _cli(["sft", "--recipe", "recipes/tiny_cpu_sft.yaml", f"model.hf_path={base}",
+                   f"sft_data.sources.0.path={sft}", "train.max_steps=130", f"checkpoint.dir={work / 'sft' / 'ckpt'}",
+                   f"logging.dir={work / 'sft' / 'logs'}", f"export_dir={work / 'sft' / 'export'}"],
+                  log=work / "sft" / "stdout.log")
+        if rc != 0:
+            raise SystemExit(f"bench_guard: SFT failed (exit {rc}); see {work / 'sft' / 'stdout.log'}")
+    return {"model": merged, "grpo": grpo}
+
+
+def run_case(name: str, seed: int, *, model: dict, work: Path, args) -> dict:
+    case = CASES[name]
+    steps = args.healthy_steps if case.healthy else args.steps
+    run = work / f"{name}_seed{seed}"
+    start = time.time()
+    rc = _cli(["grpo", "--recipe", "recipes/tiny_cpu_grpo.yaml", f"model.hf_path={model['model']}",
+               f"grpo.data.path={model['grpo']}", f"train.max_steps={steps}", "checkpoint.save_every=5",
+               f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'logs'}", "export_dir=null",
+               *BENCH_OVERRIDES, *grpo_overrides(case, seed=seed)],
+              env=collapse_env(args.first, args.last), log=run / "stdout.log")
+    record = judge_run(run / "logs", case, first=args.first, last=args.last)
+    record.update(seed=seed, exit_code=rc, wall_s=round(time.time() - start, 1), log_dir=str(run / "logs"),
+                  judged_steps=judged_steps(record["steps"]) if case.healthy else None)
+    subprocess.run(["rm", "-rf", str(run / "ckpt")], check=False)  # the logs are what is kept
+    return record
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def tables(records: list[dict], env: dict) -> str:
+    collapses = [r for r in records if r["case"] != "healthy"]
+    healthy = [r for r in records if r["case"] == "healthy"]
+    lines = [f"Device: {env['device']}; date {env['date']}; commit {env['commit']}.", "",
+             "| type | seed | signal: before -> worst | onset -> rollback (steps) | rules that fired | rollbacks "
+             "| accuracy before -> worst -> end | restored (>= before - 0.1) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in collapses:
+        fired = f"{r['delay']} (step {r['detected_at']})" if r["delay"] is not None else "not detected"
+        lines.append(f"| {r['case']} | {r['seed']} | {r['signal']} {_fmt(r['signal_pre'])} -> {_fmt(r['signal_worst'])} "
+                     f"| {fired} | {', '.join(r['rules']) or '-'} | {r['rollbacks']}"
+                     f"{' (gave up)' if r['exit_code'] == 3 else ''} | {_fmt(r['accuracy_pre'])} -> "
+                     f"{_fmt(r.get('accuracy_worst'))} -> {_fmt(r['accuracy_end'])} | {_fmt(r.get('restored'))} |")
+    if healthy:
+        judged = sum(r["judged_steps"] for r in healthy)
+        alarms = sum(r["false_alarms"] for r in healthy)
+        lines += ["", "| healthy runs | steps each | judged steps | false alarms | per 1,000 judged steps |",
+                  "|---|---|---|---|---|",
+                  f"| seeds {', '.join(str(r['seed']) for r in healthy)} | {healthy[0]['steps']} | {judged} | {alarms} "
+                  f"| {1000 * alarms / judged if judged else float('nan'):.1f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, out: Path, *, first: int, last: int) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plot_guard_run import render
+
+    case = CASES[record["case"]]
+    metrics = ["reward/accuracy"] + ([case.signal] if case.signal != "reward/accuracy" else [])
+    out.write_text(render(Path(record["log_dir"]), metrics, window=None if case.healthy else (first, last)))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    work = out_dir / "guard"
+    env = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+           "date": datetime.date.today().isoformat(),
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip() or None}
+    if args.report:
+        records = [json.loads(line) for line in (out_dir / f"{BENCH}.jsonl").read_text().splitlines() if line.strip()]
+        env = {k: records[0][k] for k in ("device", "date", "commit")}
+        # Judged again from the logs, so the tables follow the current judge_run.
+        records = [dict(r, **judge_run(r["log_dir"], CASES[r["case"]], first=args.first, last=args.last))
+                   for r in records]
+    else:
+        model = prepare_model(work)
+        records = []
+        for name in args.cases.split(","):
+            seeds = args.healthy_seeds if CASES[name].healthy else args.seeds
+            for seed in (int(s) for s in seeds.split(",") if s):
+                record = dict(run_case(name, seed, model=model, work=work, args=args), **env)
+                print("BENCH_JSON " + json.dumps(record), flush=True)
+                with open(out_dir / f"{BENCH}.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                records.append(record)
+    if args.plots_dir or not args.report:
+        plots = Path(args.plots_dir) if args.plots_dir else out_dir
+        plots.mkdir(parents=True, exist_ok=True)
+        for name in dict.fromkeys(r["case"] for r in records if r["case"] != "healthy"):
+            plot(next(r for r in records if r["case"] == name), plots / f"guard_{name}.svg", first=args.first,
+                 last=args.last)
+    text = tables(records, env)
+    (out_dir / f"{BENCH}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
