@@ -86,7 +86,7 @@ def grpo_recipe_dict(r: dict) -> dict:
         "sampling": {"temperature": r["temperature"], "top_k": r["top_k"], "top_p": r["top_p"],
                      "num_generations": r["num_generations"], "max_new_tokens": r["max_new_tokens"]},
         "loss": {"beta": 0.0, "normalisation": "bnpo", "mask_truncated": False},
-        "rollout": {"engine": "megatron", "max_batch_size": completions},
+        "rollout": {"engine": "megatron", "megatron": {"max_batch_size": completions}},
     }
     return recipe
 

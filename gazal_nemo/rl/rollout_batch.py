@@ -70,8 +70,9 @@ def select_groups(batch: ScoredGroups, keep: Sequence[int], num_generations: int
     flat_groups = int((kept.reshape(-1, num_generations) == 0).all(dim=1).sum()) if rows else 0
     advantages = GroupAdvantages(advantages=kept, num_zero_std_groups=flat_groups,
                                  group_mean=adv.group_mean[list(keep)], group_std=adv.group_std[list(keep)])
+    texts = [batch.texts[r] for r in rows] if batch.texts else []
     return ScoredGroups(prompts=[batch.prompts[g] for g in keep], completions=completions, scores=scores,
-                        advantages=advantages, gen_time_s=batch.gen_time_s)
+                        advantages=advantages, gen_time_s=batch.gen_time_s, texts=texts)
 
 
 def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
@@ -90,8 +91,9 @@ def concat_groups(parts: Sequence[ScoredGroups]) -> ScoredGroups:
         num_zero_std_groups=sum(p.advantages.num_zero_std_groups for p in parts),
         group_mean=torch.cat([p.advantages.group_mean for p in parts]),
         group_std=torch.cat([p.advantages.group_std for p in parts]))
+    texts = [t for p in parts for t in p.texts] if all(p.texts or not p.completions for p in parts) else []
     return ScoredGroups(prompts=prompts, completions=completions, scores=scores, advantages=advantages,
-                        gen_time_s=sum(p.gen_time_s for p in parts))
+                        gen_time_s=sum(p.gen_time_s for p in parts), texts=texts)
 
 
 def generate_and_score(engine, prompts: list, *, seed: int, grpo, rewards, decode: Callable) -> ScoredGroups:

@@ -35,6 +35,8 @@ class RolloutLog:
             return
         if self._handle is None:
             self._handle = open(self.path, "a", encoding="utf-8")
+        if len(scored.texts) != len(scored.completions):
+            raise ValueError(f"rollout log: {len(scored.texts)} texts for {len(scored.completions)} completions")
         per_group = len(scored.completions) // max(scored.num_groups, 1)
         names = sorted(scored.scores.per_reward)
         for index, completion in enumerate(scored.completions[:self.groups * per_group]):

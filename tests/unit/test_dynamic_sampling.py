@@ -25,7 +25,8 @@ def _scored(name: str, groups: list[list[tuple[str, int]]]) -> ScoredGroups:
                                              truncated=[False] * len(flat), prompts=prompts, num_generations=G),
                                build_rewards(RewardConfig()))
     return ScoredGroups(prompts=prompts, completions=completions, scores=scores,
-                        advantages=group_advantages(scores.total, num_generations=G))
+                        advantages=group_advantages(scores.total, num_generations=G),
+                        texts=[f"{name}:{i}:{t[-10:]}" for i, (t, _) in enumerate(flat)])
 
 
 FIRST = [
@@ -66,3 +67,21 @@ def test_enough_signal_in_the_first_round_draws_nothing_more():
     batch = fill_with_informative_groups(first, lambda r: (_ for _ in ()).throw(AssertionError("drew")),
                                          num_generations=G, max_rounds=5)
     assert [p["name"] for p in batch.prompts] == ["p0", "p1"] and batch.stats["rounds"] == 1
+
+
+def test_texts_move_with_their_completions_through_refills_and_pieces():
+    """The rollout log and the guard read texts by completion index: dynamic sampling's regrouping
+    and the asynchronous pieces' concatenation must carry them along."""
+    from gazal_nemo.rl.rollout_batch import merge_pieces
+
+    first = _scored("p", FIRST)
+    batch = fill_with_informative_groups(first, lambda r: _scored(f"r{r}_", [[(RIGHT, 10), (WRONG, 20)]]),
+                                         num_generations=G, max_rounds=2)
+    assert [t.split(":")[0] for t in batch.texts] == ["p", "p", "p", "p", "r1_", "r1_", "p", "p"]
+    assert [int(t.split(":")[1]) for t in batch.texts[:4]] == [0, 1, 6, 7]  # groups 0 and 3 of the first round
+    first.stats = {"samples/completions": (8.0, 1.0), "completion_len_max": (3000.0, -1.0)}
+    second = _scored("q", [[(RIGHT, 10), (WRONG, 4000)]])
+    second.stats = {"samples/completions": (2.0, 1.0), "completion_len_max": (4000.0, -1.0)}
+    merged = merge_pieces([first, second])
+    assert len(merged.texts) == len(merged.completions) == 10 and merged.texts[-1].startswith("q:1")
+    assert merged.stats == {"samples/completions": (10.0, 2.0), "completion_len_max": (4000.0, -1.0)}
