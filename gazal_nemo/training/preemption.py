@@ -37,10 +37,14 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _received: list[int] = []  # signal numbers seen by this process, in order
 _previous: dict[int, object] = {}
+_deferred = {"active": False, "interrupt": False}  # inside stop_signals_deferred; a second Ctrl-C came
 
 
 def _record(signum, _frame) -> None:
     if signum == signal.SIGINT and signal.SIGINT in _received:
+        if _deferred["active"]:
+            _deferred["interrupt"] = True  # raised when the checkpoint write is done
+            return
         raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
     if not _received:
         # os.write, not print: a handler may run inside a print of the main thread.
@@ -63,6 +67,7 @@ def restore_default_handlers() -> None:
         signal.signal(signum, handler)
     _previous.clear()
     _received.clear()
+    _deferred["interrupt"] = False
 
 
 def stop_requested_locally() -> bool:
@@ -89,12 +94,19 @@ def stop_signals_deferred():
     """Hold SIGUSR1/SIGTERM/SIGINT until the block ends (a checkpoint write): `scancel --signal`, a
     preemption's TERM and a terminal's Ctrl-C reach every process of the step, including the writer
     processes that dist_checkpointing starts, which would die mid-write. The mask is inherited by those
-    children; signals that came meanwhile are delivered, to our handler, when it lifts."""
+    children. The mask does not hold this process: the kernel hands a signal to any thread that does not
+    block it (torch's and gloo's threads), and Python runs our handler in the main thread anyway, so the
+    handler itself waits with a second Ctrl-C until the write is done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    _deferred["active"] = True
     try:
         yield
     finally:
+        _deferred["active"] = False
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if _deferred["interrupt"]:
+        _deferred["interrupt"] = False
+        raise KeyboardInterrupt
