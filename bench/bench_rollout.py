@@ -18,7 +18,7 @@ is generated tokens over the median call. The ratios printed are vllm / megatron
 vllm / hf.
 
     python bench/bench_rollout.py                       # 8x1024 shape, 32 x 4 x 256 new tokens
-    python bench/bench_rollout.py --shape tiny32 --num-prompts 4 --max-new-tokens 16   # smoke
+    python bench/bench_rollout.py --shape tiny --num-prompts 4 --max-new-tokens 16   # smoke
 """
 
 from __future__ import annotations

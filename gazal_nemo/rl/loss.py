@@ -63,7 +63,7 @@ def _normalise(per_token: torch.Tensor, mask: torch.Tensor, normalisation: str,
         return masked.sum() / mask.sum().clamp(min=1)
     if normalisation == "dapo":
         if num_global_tokens is None or num_global_tokens < 1:
-            raise ValueError(f"grpo.normalisation='dapo' needs num_global_tokens >= 1 (the step's loss tokens "
+            raise ValueError(f"grpo.loss.normalisation='dapo' needs num_global_tokens >= 1 (the step's loss tokens "
                              f"over all micro-batches and data-parallel ranks), got {num_global_tokens}")
         return masked.sum() / num_global_tokens
     lengths = mask.sum(dim=-1)
@@ -96,9 +96,9 @@ def grpo_loss(*, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     num_loss_tokens to weight them when averaging over micro-batches and ranks.
     """
     if config.normalisation not in NORMALISATIONS:
-        raise ValueError(f"grpo.normalisation={config.normalisation!r}; allowed: {', '.join(NORMALISATIONS)}")
+        raise ValueError(f"grpo.loss.normalisation={config.normalisation!r}; allowed: {', '.join(NORMALISATIONS)}")
     if config.beta > 0 and ref_logprobs is None:
-        raise ValueError(f"grpo.beta={config.beta} needs ref_logprobs (set grpo.beta=0 to train without a reference)")
+        raise ValueError(f"grpo.loss.beta={config.beta} needs ref_logprobs (set grpo.loss.beta=0 to train without a reference)")
     mask = loss_mask(completion_mask, truncated, mask_truncated=config.mask_truncated)
     # Padding positions may hold anything (-inf, NaN); keep them out of exp() and the graph.
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), 0.0)
