@@ -46,6 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective on the default group must live: the GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_layout(world_size: int, *, tp: int, pp: int, cp: int = 1) -> int:
     """Data-parallel size for this layout; refuses layouts that do not divide the world."""
     model_parallel = tp * pp * cp

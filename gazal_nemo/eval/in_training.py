@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from gazal_nemo.inference.protocol import SamplingSettings
+from gazal_nemo.parallel import collective_device
 
 
 @dataclass(kw_only=True)
@@ -88,8 +89,8 @@ class TrainingEvaluator:
             correct += letter == prompt.gold
             failed += letter is None
             truncated += completion.truncated
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        counts = torch.tensor([correct, failed, truncated, len(self.prompts)], dtype=torch.float64, device=device)
+        counts = torch.tensor([correct, failed, truncated, len(self.prompts)], dtype=torch.float64,
+                              device=collective_device())
         dist.all_reduce(counts, group=self.group)
         total = max(counts[3].item(), 1.0)
         name = f"eval/{self.config.benchmark}"

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.parallel import collective_device
+
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -106,9 +108,7 @@ class PushGate:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.parallel import collective_device
 from gazal_nemo.training.optim import inner_optimizers
 from gazal_nemo.training.preemption import stop_signals_deferred
 
@@ -561,8 +562,7 @@ def _space_needed(root: Path, model_chunks) -> tuple[int, bool]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         from megatron.core import parallel_state as ps
 
-        if dist.get_backend() == "nccl":
-            estimate = estimate.cuda()
+        estimate = estimate.to(collective_device())
         dist.all_reduce(estimate)
         estimate /= ps.get_data_parallel_world_size(with_context_parallel=True)  # replicas write one copy
     newest = latest_checkpoint(root) if dist.get_rank() == 0 else None  # rank 0 decides

@@ -31,6 +31,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from gazal_nemo.parallel import collective_device
+
 REQUEUE_EXIT_CODE = 75
 """EX_TEMPFAIL ("try again later"): stopped on a signal with a checkpoint; resubmit or requeue."""
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -82,8 +84,7 @@ def agreed_stop_signal() -> str | None:
     local = float(_received[0]) if _received else 0.0
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return signal.Signals(int(local)).name if local else None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([local], dtype=torch.float64, device=device)
+    flag = torch.tensor([local], dtype=torch.float64, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     value = int(flag.item())
     return signal.Signals(value).name if value else None
