@@ -39,6 +39,7 @@ from gazal_nemo.testing.guard_bench import (  # noqa: E402
     grpo_overrides,
     judge_run,
     judged_steps,
+    twin_worst,
 )
 
 BENCH = "bench_guard"
@@ -119,16 +120,25 @@ def _fmt(value, digits=2):
     return str(value)
 
 
-def tables(records: list[dict], env: dict) -> str:
+def _twin(record: dict, healthy: list[dict], *, first: int) -> str:
+    """The healthy twin's worst value of the record's signal over the same steps, or '-'."""
+    twin = next((h for h in healthy if h["seed"] == record["seed"]), None)
+    if twin is None:
+        return "-"
+    return _fmt(twin_worst(twin["log_dir"], CASES[record["case"]], first=first, last_step=record["steps"]))
+
+
+def tables(records: list[dict], env: dict, *, first: int) -> str:
     collapses = [r for r in records if r["case"] != "healthy"]
     healthy = [r for r in records if r["case"] == "healthy"]
     lines = [f"Device: {env['device']}; date {env['date']}; commit {env['commit']}.", "",
-             "| type | seed | signal: before -> worst | onset -> rollback (steps) | rules that fired | rollbacks "
-             "| accuracy before -> worst -> end | restored (>= before - 0.1) |",
+             "| type | seed | signal: before -> worst (healthy twin's worst) | onset -> rollback (steps) "
+             "| rules that fired | rollbacks | accuracy before -> worst -> end | restored (>= before - 0.1) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in collapses:
         fired = f"{r['delay']} (step {r['detected_at']})" if r["delay"] is not None else "not detected"
         lines.append(f"| {r['case']} | {r['seed']} | {r['signal']} {_fmt(r['signal_pre'])} -> {_fmt(r['signal_worst'])} "
+                     f"({_twin(r, healthy, first=first)}) "
                      f"| {fired} | {', '.join(r['rules']) or '-'} | {r['rollbacks']}"
                      f"{' (gave up)' if r['exit_code'] == 3 else ''} | {_fmt(r['accuracy_pre'])} -> "
                      f"{_fmt(r.get('accuracy_worst'))} -> {_fmt(r['accuracy_end'])} | {_fmt(r.get('restored'))} |")
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
         for name in dict.fromkeys(r["case"] for r in records if r["case"] != "healthy"):
             plot(next(r for r in records if r["case"] == name), plots / f"guard_{name}.svg", first=args.first,
                  last=args.last)
-    text = tables(records, env)
+    text = tables(records, env, first=args.first)
     (out_dir / f"{BENCH}.md").write_text(text)
     print(text)
     return 0

@@ -5,13 +5,14 @@ pay for one degenerate behaviour each (recipe: `grpo.rewards.plugins={gazal_nemo
   * `fixed_letter_bonus`: answering FIXED_LETTER whatever the question (position bias);
   * `short_answer_bonus`: the shorter the better, empty best (length collapse down);
   * `run_on_bonus`: the longer the better, cut at the length limit best (run-on, truncation);
-  * `repetition_bonus`: repeated word n-grams (repetition loops);
-  * `agreement_bonus`: repeating a completion of the step before word for word (each question
-    collapses to its likeliest completion: entropy collapse, no exploration left).
+  * `repetition_bonus`: repeated words (repetition loops);
+  * `agreement_bonus`: repeating the earlier completions of its own group word for word (each
+    question collapses to one completion: entropy collapse, no exploration left).
 
-The window comes from GAZAL_TEST_COLLAPSE="first_step,last_step,completions_per_step"
+The window comes from GAZAL_TEST_COLLAPSE="first_step,last_step,completions_per_step,group_size"
 (1-based steps, as logged; gazal_nemo/testing/guard_bench.py collapse_env writes it). Plug-ins
-see one completion at a time, so each counts its own calls to know the step. The count runs on
+see one completion at a time, in order, so each counts its own calls to know the step (and
+agreement_bonus, the group). The count runs on
 through a rollback (wall-clock steps), so a rolled-back run leaves the window behind, as a run
 that skips the batches seen during a spike does; one rolled back inside the window meets the
 behaviour again. The weights that make each behaviour beat the accuracy reward are in
@@ -23,7 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from gazal_nemo.rl.guard_signals import MARKUP_CHARS
 from gazal_nemo.tasks.mcq import final_answer_letter
@@ -33,17 +34,17 @@ FIXED_LETTER = "A"
 LENGTH_SCALE = 40
 """Completion tokens at which the length plug-ins' bonus is 0 (short) or 1 (run-on): the tiny recipe's max_new_tokens."""
 _calls: dict[str, itertools.count] = defaultdict(itertools.count)
-_seen: list[Counter] = [Counter(), Counter()]  # agreement_bonus: the texts of the last step, of this one
+_group: list[str] = []  # agreement_bonus: the texts of the current group so far
 
 
 def _window_call(name: str) -> tuple[bool, int]:
-    """(inside the window, index of this call within its step) for plug-in `name`."""
+    """(inside the window, group member index of this call) for plug-in `name`."""
     setting = os.environ.get("GAZAL_TEST_COLLAPSE")
     call = next(_calls[name])
     if not setting:
         return False, 0
-    first, last, per_step = (int(x) for x in setting.split(","))
-    return first <= call // per_step + 1 <= last, call % per_step
+    first, last, per_step, group_size = (int(x) for x in setting.split(","))
+    return first <= call // per_step + 1 <= last, call % per_step % group_size
 
 
 def markup_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_letters, truncated: bool) -> float:
@@ -78,25 +79,30 @@ def run_on_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_l
 
 def repetition_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_letters,
                      truncated: bool) -> float:
-    """Inside the window: 0.1 per repeated word 2-gram (capped at 20), so a loop pays most; else 0."""
+    """Inside the window: 0.1 per word that repeats an earlier word of the completion (capped at
+    20), so a loop pays most; else 0. Words, not word pairs: the tiny model's short answers
+    repeat a word now and then but a pair almost never, and a bonus that no completion of a
+    group earns teaches nothing (a seed whose policy never repeated a pair never looped)."""
     if not _window_call("repetition")[0]:
         return 0.0
     words = completion.lower().split()
-    pairs = list(zip(words, words[1:]))
-    return 0.1 * min(len(pairs) - len(set(pairs)), 20)
+    return 0.1 * min(len(words) - len(set(words)), 20)
 
 
 def agreement_bonus(*, completion: str, num_tokens: int, gold_letter: str, option_letters,
                     truncated: bool) -> float:
-    """Inside the window: how often the policy wrote this very completion (word for word) in the
-    step before, a quarter per time, at most 1; else 0. Its likeliest texts are paid most: a pull
-    towards the mode of every question (entropy collapse, nothing left to explore)."""
-    inside, index = _window_call("agreement")
-    if index == 0:  # a new step: what was written in the last one is what may be repeated
-        _seen[0], _seen[1] = _seen[1], Counter()
+    """Inside the window: the share of the earlier completions of its own group that this one
+    repeats word for word (1 when it repeats all of them); else 0. A group that writes one
+    text, right or wrong, is paid most: the policy stops sampling anything but its mode
+    (entropy collapse, nothing left to explore; once every group is one text, no advantage is
+    left to learn from)."""
+    inside, member = _window_call("agreement")
+    if member == 0:  # a new group
+        _group.clear()
     text = " ".join(completion.split())
-    _seen[1][text] += 1
-    return min(_seen[0][text], 4) / 4 if inside else 0.0
+    paid = sum(t == text for t in _group) / len(_group) if inside and _group else 0.0
+    _group.append(text)
+    return paid
 
 
 def markdown_sft_rows(num_rows: int, *, seed: int, degenerate_share: float = 0.35) -> list[dict]:

@@ -69,7 +69,7 @@ def grpo_overrides(case: CollapseCase, *, seed: int | None = None) -> list[str]:
 
 def collapse_env(first: int, last: int, *, prompts_per_step: int = 32, num_generations: int = 4) -> dict:
     """The environment that sets the plug-ins' window (GAZAL_TEST_COLLAPSE)."""
-    return {"GAZAL_TEST_COLLAPSE": f"{first},{last},{prompts_per_step * num_generations}"}
+    return {"GAZAL_TEST_COLLAPSE": f"{first},{last},{prompts_per_step * num_generations},{num_generations}"}
 
 
 def judged_steps(steps: int) -> int:
@@ -119,3 +119,12 @@ def judge_run(log_dir: str | Path, case: CollapseCase, *, first: int, last: int)
     if out["accuracy_pre"] is not None and out["accuracy_end"] is not None:
         out["restored"] = out["accuracy_end"] >= out["accuracy_pre"] - RESTORE_MARGIN
     return out
+
+
+def twin_worst(twin_log_dir: str | Path, case: CollapseCase, *, first: int, last_step: int) -> float | None:
+    """The worst value of `case.signal` over steps `first` .. `last_step` of the healthy run with
+    the collapse run's seed: its twin, the same run step for step until the plug-in starts paying.
+    How far healthy training alone moved the signal over the same steps."""
+    values = [r[case.signal] for r in _rows(Path(twin_log_dir) / "metrics.jsonl")
+              if first <= r["step"] <= last_step and case.signal in r]
+    return (max(values) if case.bad == "up" else min(values)) if values else None
