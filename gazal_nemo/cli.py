@@ -4,6 +4,7 @@
     gazal grpo --recipe recipes/grpo_qwen3_32b.yaml parallel.tp=4 --dry-run train.max_steps=5
     gazal convert hf-to-megatron --hf-dir Qwen/Qwen3-32B --out ckpt/qwen3-32b
     gazal eval --model out/hf --benchmarks medqa,pubmedqa --data medqa_test.jsonl,ori_pqal.json
+    gazal guard --recipe recipes/grpo_qwen3_32b.yaml --logs runs/grpo/logs
     gazal demo
 
 Subcommands import their heavy dependencies only when they run, so `--help` is instant.
@@ -52,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                                           description=evaluate.__doc__))
     decontam.add_arguments(sub.add_parser("decontam", help="n-gram overlap of training files with benchmark questions",
                                           description=decontam.__doc__))
-    from gazal_nemo.commands import plan, synth
+    from gazal_nemo.commands import guard, plan, synth
 
     synth.add_arguments(sub.add_parser("synth", help="generate the paper's structured clinical-reasoning SFT dataset",
                                        description=synth.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     plan.add_arguments(sub.add_parser("plan", help="per-GPU memory plan of a recipe (exit 0 fits, 1 does not)",
                                       description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    guard.add_arguments(sub.add_parser("guard", help="replay a GRPO run's metrics through the collapse guard "
+                                       "(would it roll back, how close each rule came)",
+                                       description=guard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     demo.add_arguments(sub.add_parser("demo", help="tiny CPU run of the whole pipeline (no downloads)",
                                       description=demo.__doc__))
     return parser
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             from gazal_nemo.commands import synth
 
             return synth.run(args)
+        if args.command == "guard":
+            from gazal_nemo.commands import guard
+
+            return guard.run(args)
         from gazal_nemo.commands import demo
 
         return demo.run(args)

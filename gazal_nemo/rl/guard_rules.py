@@ -73,13 +73,16 @@ class GuardRule:
             ratio_ok = smoothed > self.ratio * baseline if self.bad == "up" else smoothed < self.ratio * baseline
         return change_ok, ratio_ok
 
+    def _test(self, window: list[float], baseline: list[float], *, level: float, trials: float | None):
+        if self.scale == "log":
+            window, baseline = [math.log(max(v, _LOG_FLOOR)) for v in window], [math.log(max(v, _LOG_FLOOR)) for v in baseline]
+        return window_change(window, baseline, bad=self.bad, level=level, trials=trials)
+
     def judge(self, window: list[float], baseline: list[float], *, level: float,
               trials: float | None = None) -> str | None:
         """Why the window is a breach against the baseline, or None when it is not."""
         now, before = sum(window) / len(window), sum(baseline) / len(baseline)
-        if self.scale == "log":
-            window, baseline = [math.log(max(v, _LOG_FLOOR)) for v in window], [math.log(max(v, _LOG_FLOOR)) for v in baseline]
-        test = window_change(window, baseline, bad=self.bad, level=level, trials=trials)
+        test = self._test(window, baseline, level=level, trials=trials)
         change_ok, ratio_ok = self.past_floors(now, before)
         if self.test == "threshold":
             breached = (self.min_change is not None and change_ok) or (self.ratio is not None and ratio_ok)
@@ -90,6 +93,22 @@ class GuardRule:
         units = " in log" if self.scale == "log" else ""
         return (f"{self.metric} {now:.4g} vs baseline {before:.4g} (moved {test.change:.3g}{units} {self.bad}, "
                 f"noise allows {test.critical:.3g})")
+
+    def margin(self, window: list[float], baseline: list[float], *, level: float,
+               trials: float | None = None) -> float | None:
+        """How much of what the noise allows the window's change used (1 = at the threshold; the
+        floors aside); None for a threshold rule. What a replay reports as the closest approach."""
+        if self.test == "threshold":
+            return None
+        test = self._test(window, baseline, level=level, trials=trials)
+        if test.critical > 0:
+            return test.change / test.critical
+        return math.inf if test.change > 0 else 0.0
+
+    @property
+    def label(self) -> str:
+        """The rule as a person names it: metric and bad direction (two rules may watch one metric)."""
+        return f"{self.metric} {self.bad}"
 
 
 def default_rules() -> list[GuardRule]:

@@ -28,10 +28,10 @@ DETECT_WITHIN = 6  # steps after the onset step
 DRIFT = {"markup": 0.08, "run_on": 0.2}  # how far the policy must have gone (and come back) for the run to count
 
 
-def _cli(*args, env=None):
+def _cli(*args, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "gazal_nemo.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -82,6 +82,19 @@ def test_induced_collapse_is_detected_rolled_back_and_the_run_ends_healthy(name,
     assert abs(end - result["signal_pre"]) < DRIFT[name], (end, result)
     last_good = list((tmp_path / "ckpt" / "last_good").iterdir())
     assert len(last_good) == 1 and last_good[0].name.startswith("step_")
+    _replay_fires_where_the_run_did(tmp_path, rows, first)
+
+
+def _replay_fires_where_the_run_did(tmp_path, rows, event):
+    """`gazal guard` on what the live guard had seen at its first rollback (the kept steps up to
+    the restored checkpoint, then the undone ones) rolls back at the same step, for the same reasons."""
+    undone = _rows(tmp_path / "logs" / "metrics_rolled_back.jsonl")[:event["from_step"] - event["to_step"]]
+    seen = tmp_path / "seen" / "metrics.jsonl"
+    seen.parent.mkdir()
+    seen.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["step"] <= event["to_step"]] + undone))
+    proc = _cli("guard", "--recipe", "recipes/tiny_cpu_grpo.yaml", "--logs", str(seen.parent), check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"would roll back at step {event['from_step']}: {'; '.join(event['reasons'])}" in proc.stdout
 
 
 def test_a_healthy_run_is_never_rolled_back(tmp_path, markdown_model):
@@ -89,3 +102,4 @@ def test_a_healthy_run_is_never_rolled_back(tmp_path, markdown_model):
     result = judge_run(tmp_path / "logs", CASES["healthy"], first=FIRST, last=LAST)
     assert result["false_alarms"] == 0, result["events"]
     assert result["steps"] == HEALTHY_STEPS
+    assert "no rollback" in _cli("guard", "--recipe", "recipes/tiny_cpu_grpo.yaml", "--logs", str(tmp_path / "logs")).stdout

@@ -111,7 +111,7 @@ def test_cli_refuses_wrong_stage_and_missing_model(tiny_hf_dir):
 def test_cli_help_lists_subcommands():
     out = _cli("--help")
     assert out.returncode == 0
-    for name in ("sft", "grpo", "convert", "eval", "demo"):
+    for name in ("sft", "grpo", "convert", "eval", "decontam", "synth", "plan", "guard", "demo"):
         assert name in out.stdout
 
 
