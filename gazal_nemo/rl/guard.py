@@ -142,44 +142,34 @@ class CollapseGuard:
         return Verdict(healthy=not reasons, fire=fire, reasons=reasons)
 
     def _breaches(self) -> list[str]:
-        reasons = []
-        for rule in self.rules:
-            evidence = self._evidence(rule)
-            if evidence is None:
-                continue
-            now, before, trials = evidence
-            reason = rule.judge(now, before, level=self.level, trials=trials)
-            if reason:
-                reasons.append(reason)
-        return reasons
+        return [reason for rule, now, before, trials in self._judgeable()
+                if (reason := rule.judge(now, before, level=self.level, trials=trials))]
 
     def margins(self) -> dict[str, float]:
         """Per significance rule with enough data, how much of what the noise allows the current
         window's change used (rl/guard_rules.GuardRule.margin): how close a healthy run came."""
         out = {}
-        for rule in self.rules:
-            evidence = self._evidence(rule)
-            if evidence is None:
-                continue
-            now, before, trials = evidence
+        for rule, now, before, trials in self._judgeable():
             margin = rule.margin(now, before, level=self.level, trials=trials)
             if margin is not None:
                 out[rule.label] = margin
         return out
 
-    def _evidence(self, rule: GuardRule) -> tuple[list[float], list[float], float | None] | None:
-        """(window values, baseline values, mean trials) of a rule, or None before a decision is due."""
+    def _judgeable(self):
+        """(rule, window values, baseline values, mean trials) of each rule with data to judge;
+        nothing before min_baseline_steps healthy steps."""
         if len(self.baseline) < self.config.min_baseline_steps:
-            return None
-        now = [v[rule.metric] for v in self.recent if rule.metric in v]
-        before = [v[rule.metric] for v in self.baseline if rule.metric in v]
-        if not now or len(before) < 2:
-            return None
-        trials = None
-        if rule.trials:
-            counts = [v[rule.trials] for v in (*self.recent, *self.baseline) if v.get(rule.trials, 0) > 0]
-            trials = sum(counts) / len(counts) if counts else None
-        return now, before, trials
+            return
+        for rule in self.rules:
+            now = [v[rule.metric] for v in self.recent if rule.metric in v]
+            before = [v[rule.metric] for v in self.baseline if rule.metric in v]
+            if not now or len(before) < 2:
+                continue
+            trials = None
+            if rule.trials:
+                counts = [v[rule.trials] for v in (*self.recent, *self.baseline) if v.get(rule.trials, 0) > 0]
+                trials = sum(counts) / len(counts) if counts else None
+            yield rule, now, before, trials
 
 
 def watched_rules(config: GuardConfig, reward_weights: dict[str, float]) -> list[GuardRule]:
