@@ -4,9 +4,10 @@ fired, how far the policy went, whether the run ended at its pre-collapse accura
 false alarms per 1,000 judged steps. Results go to docs/GRPO.md by hand (the table this script
 prints) with the plots it draws, one per type.
 
-    python bench/bench_guard.py                                  # all of it (~45 min on 2 CPU cores)
+    python bench/bench_guard.py                                  # all of it (~50 min on 2 CPU cores)
     python bench/bench_guard.py --cases markup,healthy --seeds 1 --healthy-seeds 1
     python bench/bench_guard.py --report --plots-dir docs   # tables and plots of every run recorded so far
+    python bench/bench_guard.py --report --rates 1e-2,1e-3,1e-4,1e-5   # + every run replayed at other rates
 
 Settings (gazal_nemo/testing/guard_bench.py): the tiny Qwen3 after 130 SFT steps on answers
 with a bold word (35% written with every word in bold), the tiny GRPO recipe
@@ -39,6 +40,7 @@ from gazal_nemo.testing.guard_bench import (  # noqa: E402
     grpo_overrides,
     judge_run,
     judged_steps,
+    seen_rows,
     twin_worst,
 )
 
@@ -48,18 +50,24 @@ BENCH = "bench_guard"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
-    parser.add_argument("--seeds", default="1,2", help="train.seed values of each collapse case")
-    parser.add_argument("--healthy-seeds", default="1,2,3,4", help="train.seed values of the healthy runs")
+    parser.add_argument("--seeds", default="1,2,3", help="train.seed values of each collapse case")
+    parser.add_argument("--healthy-seeds", default="1,2,3,4,5,6,7,8", help="train.seed values of the healthy runs")
     parser.add_argument("--steps", type=int, default=40, help="GRPO steps of a collapse run")
     parser.add_argument("--healthy-steps", type=int, default=60, help="GRPO steps of a healthy run")
     parser.add_argument("--first", type=int, default=16, help="first step the collapse reward pays")
     parser.add_argument("--last", type=int, default=25, help="last step the collapse reward pays")
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--plots-dir", default=None, help="where guard_<case>.svg go (default: the out-dir)")
+    parser.add_argument("--rates", default=None, help="with --report: also replay every recorded run at these "
+                        "grpo.guard.false_alarm_rate values (comma-separated), e.g. 1e-2,1e-3,1e-4,1e-5")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: the tables of every record in <out-dir>/bench_guard.jsonl (and the plots "
                              "of each type's first record, with --plots-dir)")
     args = parser.parse_args(argv)
+    try:
+        args.rates = [float(x) for x in args.rates.split(",")] if args.rates else []
+    except ValueError:
+        parser.error(f"--rates: {args.rates!r} is not a comma-separated list of numbers")
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {unknown}; allowed: {', '.join(CASES)}")
@@ -129,7 +137,8 @@ def _twin(record: dict, healthy: list[dict], *, first: int) -> str:
 
 
 def tables(records: list[dict], env: dict, *, first: int) -> str:
-    collapses = [r for r in records if r["case"] != "healthy"]
+    order = list(CASES)
+    collapses = sorted((r for r in records if r["case"] != "healthy"), key=lambda r: (order.index(r["case"]), r["seed"]))
     healthy = [r for r in records if r["case"] == "healthy"]
     lines = [f"Device: {env['device']}; date {env['date']}; commit {env['commit']}.", "",
              "| type | seed | signal: before -> worst (healthy twin's worst) | onset -> rollback (steps) "
@@ -149,6 +158,41 @@ def tables(records: list[dict], env: dict, *, first: int) -> str:
                   "|---|---|---|---|---|",
                   f"| seeds {', '.join(str(r['seed']) for r in healthy)} | {healthy[0]['steps']} | {judged} | {alarms} "
                   f"| {1000 * alarms / judged if judged else float('nan'):.1f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def rate_table(records: list[dict], rates: list[float], *, first: int) -> str:
+    """Every recorded run replayed through the guard at each rate (`gazal guard`'s replay): healthy
+    runs in full, collapse runs up to the live guard's first rollback (what it had seen then; a
+    stricter rate that fires later than that cannot be told from the logs and counts as missed)."""
+    from gazal_nemo.commands.guard import recipe_guard
+    from gazal_nemo.recipe import load_recipe
+    from gazal_nemo.rl.guard_replay import replay
+
+    lines = ["| false_alarm_rate | healthy runs rolled back | false rollbacks per 1,000 judged healthy steps "
+             "| collapse runs caught within the steps seen | onset -> rollback: median (max) | rolled back before the onset |",
+             "|---|---|---|---|---|---|"]
+    healthy = [r for r in records if r["case"] == "healthy"]
+    collapses = [r for r in records if r["case"] != "healthy"]
+    for rate in rates:
+        config, rules = recipe_guard(load_recipe(ROOT / "recipes" / "tiny_cpu_grpo.yaml",
+                                                 [f"grpo.guard.false_alarm_rate={rate}"]))
+        judged = alarms = runs_alarmed = 0
+        for r in healthy:
+            report = replay(seen_rows(r["log_dir"]), config, rules)
+            judged, alarms = judged + report.judged, alarms + len(report.rollbacks)
+            runs_alarmed += bool(report.rollbacks)
+        delays, early = [], 0
+        for r in collapses:
+            fired = [step for step, _ in replay(seen_rows(r["log_dir"]), config, rules).rollbacks]
+            early += any(step < first for step in fired)
+            after = [step - first for step in fired if step >= first]
+            if after:
+                delays.append(after[0])
+        delays.sort()
+        median = f"{delays[len(delays) // 2]} ({delays[-1]})" if delays else "-"
+        lines.append(f"| {rate:g} | {runs_alarmed} of {len(healthy)} | {1000 * alarms / judged if judged else float('nan'):.1f} "
+                     f"| {len(delays)} of {len(collapses)} | {median} | {early} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +237,8 @@ def main(argv=None) -> int:
             plot(next(r for r in records if r["case"] == name), plots / f"guard_{name}.svg", first=args.first,
                  last=args.last)
     text = tables(records, env, first=args.first)
+    if args.rates:
+        text += "\n" + rate_table(records, args.rates, first=args.first)
     (out_dir / f"{BENCH}.md").write_text(text)
     print(text)
     return 0

@@ -25,17 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from gazal_nemo.recipe import load_recipe
-    from gazal_nemo.rl.guard import watched_rules
     from gazal_nemo.rl.guard_replay import format_report, read_metric_rows, replay
-    from gazal_nemo.rl.rewards import build_rewards
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.grpo is None:
         raise ValueError(f"{args.recipe}: no grpo section (gazal guard replays a GRPO run)")
     path = Path(args.logs) / "metrics.jsonl" if Path(args.logs).is_dir() else Path(args.logs)
     rows = read_metric_rows(path)  # before the rewards: a wrong path is the likelier mistake
-    config = recipe.grpo.guard
-    rules = watched_rules(config, {reward.name: reward.weight for reward in build_rewards(recipe.grpo.rewards)})
+    config, rules = recipe_guard(recipe)
     report = replay(rows, config, rules)
     print(format_report(report, source=str(path), config=config, rules=rules))
     return 1 if report.rollbacks else 0
+
+
+def recipe_guard(recipe):
+    """(grpo.guard, the rules it applies to this recipe): what the trainer's guard would watch."""
+    from gazal_nemo.rl.guard import watched_rules
+    from gazal_nemo.rl.rewards import build_rewards
+
+    config = recipe.grpo.guard
+    return config, watched_rules(config, {reward.name: reward.weight for reward in build_rewards(recipe.grpo.rewards)})

@@ -128,3 +128,16 @@ def twin_worst(twin_log_dir: str | Path, case: CollapseCase, *, first: int, last
     values = [r[case.signal] for r in _rows(Path(twin_log_dir) / "metrics.jsonl")
               if first <= r["step"] <= last_step and case.signal in r]
     return (max(values) if case.bad == "up" else min(values)) if values else None
+
+
+def seen_rows(log_dir: str | Path) -> list[dict]:
+    """The rows the live guard had judged when it first rolled back (the kept steps up to the
+    restored checkpoint, then the undone ones), or every kept row of a run it never rolled back:
+    what a replay at another false-alarm rate may judge."""
+    log_dir = Path(log_dir)
+    kept, events = _rows(log_dir / "metrics.jsonl"), _rows(log_dir / "guard_events.jsonl")
+    if not events:
+        return kept
+    first = events[0]
+    undone = _rows(log_dir / "metrics_rolled_back.jsonl")[:first["from_step"] - first["to_step"]]
+    return [r for r in kept if r["step"] <= first["to_step"]] + undone

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from gazal_nemo.testing.guard_bench import BENCH_OVERRIDES, CASES, collapse_env, grpo_overrides, judge_run
+from gazal_nemo.testing.guard_bench import (
+    BENCH_OVERRIDES,
+    CASES,
+    collapse_env,
+    grpo_overrides,
+    judge_run,
+    seen_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -82,16 +89,15 @@ def test_induced_collapse_is_detected_rolled_back_and_the_run_ends_healthy(name,
     assert abs(end - result["signal_pre"]) < DRIFT[name], (end, result)
     last_good = list((tmp_path / "ckpt" / "last_good").iterdir())
     assert len(last_good) == 1 and last_good[0].name.startswith("step_")
-    _replay_fires_where_the_run_did(tmp_path, rows, first)
+    _replay_fires_where_the_run_did(tmp_path, first)
 
 
-def _replay_fires_where_the_run_did(tmp_path, rows, event):
-    """`gazal guard` on what the live guard had seen at its first rollback (the kept steps up to
-    the restored checkpoint, then the undone ones) rolls back at the same step, for the same reasons."""
-    undone = _rows(tmp_path / "logs" / "metrics_rolled_back.jsonl")[:event["from_step"] - event["to_step"]]
+def _replay_fires_where_the_run_did(tmp_path, event):
+    """`gazal guard` on what the live guard had seen at its first rollback rolls back at the same
+    step, for the same reasons."""
     seen = tmp_path / "seen" / "metrics.jsonl"
     seen.parent.mkdir()
-    seen.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["step"] <= event["to_step"]] + undone))
+    seen.write_text("".join(json.dumps(r) + "\n" for r in seen_rows(tmp_path / "logs")))
     proc = _cli("guard", "--recipe", "recipes/tiny_cpu_grpo.yaml", "--logs", str(seen.parent), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"would roll back at step {event['from_step']}: {'; '.join(event['reasons'])}" in proc.stdout
