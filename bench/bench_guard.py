@@ -172,19 +172,19 @@ def rate_table(records: list[dict], rates: list[float], *, first: int) -> str:
     lines = ["| false_alarm_rate | healthy runs rolled back | false rollbacks per 1,000 judged healthy steps "
              "| collapse runs caught within the steps seen | onset -> rollback: median (max) | rolled back before the onset |",
              "|---|---|---|---|---|---|"]
-    healthy = [r for r in records if r["case"] == "healthy"]
-    collapses = [r for r in records if r["case"] != "healthy"]
+    healthy = [seen_rows(r["log_dir"]) for r in records if r["case"] == "healthy"]  # read once, replayed per rate
+    collapses = [seen_rows(r["log_dir"]) for r in records if r["case"] != "healthy"]
     for rate in rates:
         config, rules = recipe_guard(load_recipe(ROOT / "recipes" / "tiny_cpu_grpo.yaml",
                                                  [f"grpo.guard.false_alarm_rate={rate}"]))
         judged = alarms = runs_alarmed = 0
-        for r in healthy:
-            report = replay(seen_rows(r["log_dir"]), config, rules)
+        for rows in healthy:
+            report = replay(rows, config, rules)
             judged, alarms = judged + report.judged, alarms + len(report.rollbacks)
             runs_alarmed += bool(report.rollbacks)
         delays, early = [], 0
-        for r in collapses:
-            fired = [step for step, _ in replay(seen_rows(r["log_dir"]), config, rules).rollbacks]
+        for rows in collapses:
+            fired = [step for step, _ in replay(rows, config, rules).rollbacks]
             early += any(step < first for step in fired)
             after = [step - first for step in fired if step >= first]
             if after:
