@@ -15,6 +15,9 @@ the reward components, one number per collapse the paper names or cites.
     letter, and its lowest value (a fixed-letter policy scores 0 on every other position);
   * `answers/same_answer_groups`: share of groups whose completions all give the same letter
     (the group has collapsed to one answer: no advantage, no exploration);
+  * `degenerate/duplicate_completions`: share of completions that repeat an earlier completion
+    of their group word for word (the group samples one text: entropy collapse at the level of
+    whole answers, where a per-token entropy averaged over long shared stretches hides it);
   * `samples/completions`, `samples/groups`, `samples/answered`: the step's sample sizes, from
     which the guard knows the sampling noise of a proportion.
 
@@ -35,6 +38,7 @@ from gazal_nemo.tasks.mcq import final_answer_letter
 
 MARKUP_METRIC = "degenerate/markup_density"
 REPETITION_METRIC = "degenerate/repeated_ngrams"
+DUPLICATE_METRIC = "degenerate/duplicate_completions"
 ANSWERED_METRIC = "answers/answered"
 LETTER_BIAS_METRIC = "answers/letter_bias"
 SAME_ANSWER_METRIC = "answers/same_answer_groups"
@@ -63,6 +67,16 @@ def repeated_ngram_share(text: str, ngram_size: int = 3) -> float:
                                       truncated=False, ngram_size=ngram_size, max_penalty=-1.0)
 
 
+def duplicate_count(texts: Sequence[str]) -> int:
+    """Texts that repeat an earlier one of the sequence word for word (whitespace aside)."""
+    seen, repeats = set(), 0
+    for text in texts:
+        words = " ".join(text.split())
+        repeats += words in seen
+        seen.add(words)
+    return repeats
+
+
 def option_letters_of(prompts: Sequence) -> list[str]:
     """Every letter any prompt offers, sorted: the same metric keys on every data-parallel rank."""
     return sorted({letter for prompt in prompts for letter in prompt.option_letters})
@@ -86,11 +100,13 @@ def rollout_signals(texts: Sequence[str], prompts: Sequence, *, accuracy: Sequen
         ANSWERED_METRIC: (float(answered), float(n)),
         COMPLETIONS: (float(n), 1.0), GROUPS: (float(len(prompts)), 1.0), ANSWERED: (float(answered), 1.0),
     }
-    same = 0
+    same = duplicates = 0
     for g in range(len(prompts)):
         group = answers[g * num_generations:(g + 1) * num_generations]
         same += group[0] is not None and all(a == group[0] for a in group)
+        duplicates += duplicate_count(texts[g * num_generations:(g + 1) * num_generations])
     out[SAME_ANSWER_METRIC] = (float(same), float(len(prompts)))
+    out[DUPLICATE_METRIC] = (float(duplicates), float(n))
     for letter in letters:
         mine = [i for i in range(n) if golds[i] == letter]
         out[GOLD_ACCURACY_PREFIX + letter] = (float(sum(accuracy[i] for i in mine)), float(len(mine)))

@@ -134,6 +134,7 @@ def test_signals_of_a_policy_that_answers_one_letter_whatever_the_question():
     assert row[LETTER_BIAS_METRIC] == pytest.approx(0.75)  # 1 - the gold share of A
     assert row["answers/worst_gold_accuracy"] == 0.0 and row["accuracy_by_gold/A"] == 1.0
     assert row["answers/same_answer_groups"] == 1.0 and row["answers/answered"] == 1.0
+    assert row["degenerate/duplicate_completions"] == 0.5  # the second of each group repeats the first
     assert not any(k.startswith("answers/_") for k in row)  # the per-letter shares are not logged
 
     right = [_answer(p.gold_letter) for p in prompts for _ in range(2)]
@@ -160,9 +161,14 @@ def test_signals_of_cut_loops_and_markup_and_the_reduction_over_ranks():
     row = finish_signals(_means(reduced))
     assert row["answers/answered"] == 0.75 and row["samples/answered"] == 3 and row["samples/groups"] == 2
     assert row["answers/same_answer_groups"] == 0.5  # the cut completion breaks group 1
+    assert row["degenerate/duplicate_completions"] == 0.0
     assert row["degenerate/repeated_ngrams"] == pytest.approx(repeated_ngram_share(texts[1]) / 4)
     assert repeated_ngram_share(texts[1]) == pytest.approx(1 - 4 / 7)  # 7 word 3-grams, 4 distinct
     assert row[MARKUP_METRIC] == pytest.approx(sum(map(markup_density, texts)) / 4)
+    spaced = rollout_signals([_answer("A"), _answer("A").replace(" ", "  "), _answer("B"), _answer("A")],
+                             [_prompt("A")], accuracy=[1.0, 1.0, 0.0, 1.0], truncated=[False] * 4,
+                             num_generations=4, letters="ABCD")
+    assert finish_signals(_means(spaced))["degenerate/duplicate_completions"] == 0.5  # whitespace aside
     nothing = rollout_signals(["", ""], [_prompt("A")], accuracy=[0.0, 0.0], truncated=[True, True],
                               num_generations=2, letters="ABCD")
     assert LETTER_BIAS_METRIC not in finish_signals(_means(nothing))
