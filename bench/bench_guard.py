@@ -128,12 +128,22 @@ def _fmt(value, digits=2):
     return str(value)
 
 
-def _twin(record: dict, healthy: list[dict], *, first: int) -> str:
-    """The healthy twin's worst value of the record's signal over the same steps, or '-'."""
-    twin = next((h for h in healthy if h["seed"] == record["seed"]), None)
-    if twin is None:
-        return "-"
-    return _fmt(twin_worst(twin["log_dir"], CASES[record["case"]], first=first, last_step=record["steps"]))
+def _healthy_worsts(record: dict, healthy: list[dict], *, first: int) -> tuple[float | None, float | None]:
+    """(the healthy twin's worst value of the record's signal over the same steps, the worst of
+    every healthy run over them): how far healthy training alone moved it."""
+    case = CASES[record["case"]]
+    worsts = {h["seed"]: twin_worst(h["log_dir"], case, first=first, last_step=record["steps"]) for h in healthy}
+    known = [w for w in worsts.values() if w is not None]
+    every = (max(known) if case.bad == "up" else min(known)) if known else None
+    return worsts.get(record["seed"]), every
+
+
+def beyond_healthy(record: dict, every: float | None) -> bool | None:
+    """Whether the run's signal went past every healthy run's worst over the same steps: a run
+    that stayed inside that range cannot be told from healthy training by its signal alone."""
+    if every is None or record.get("signal_worst") is None:
+        return None
+    return record["signal_worst"] > every if CASES[record["case"]].bad == "up" else record["signal_worst"] < every
 
 
 def tables(records: list[dict], env: dict, *, first: int) -> str:
@@ -141,16 +151,26 @@ def tables(records: list[dict], env: dict, *, first: int) -> str:
     collapses = sorted((r for r in records if r["case"] != "healthy"), key=lambda r: (order.index(r["case"]), r["seed"]))
     healthy = [r for r in records if r["case"] == "healthy"]
     lines = [f"Device: {env['device']}; date {env['date']}; commit {env['commit']}.", "",
-             "| type | seed | signal: before -> worst (healthy twin's worst) | onset -> rollback (steps) "
+             "| type | seed | signal: before -> worst (healthy twin's worst; every healthy run's worst) "
+             "| beyond the healthy range | onset -> rollback (steps) "
              "| rules that fired | rollbacks | accuracy before -> worst -> end | restored (>= before - 0.1) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
+    beyond_runs = []
     for r in collapses:
         fired = f"{r['delay']} (step {r['detected_at']})" if r["delay"] is not None else "not detected"
+        twin, every = _healthy_worsts(r, healthy, first=first)
+        beyond = beyond_healthy(r, every)
+        if beyond:
+            beyond_runs.append(r)
         lines.append(f"| {r['case']} | {r['seed']} | {r['signal']} {_fmt(r['signal_pre'])} -> {_fmt(r['signal_worst'])} "
-                     f"({_twin(r, healthy, first=first)}) "
+                     f"({_fmt(twin)}; {_fmt(every)}) | {_fmt(beyond)} "
                      f"| {fired} | {', '.join(r['rules']) or '-'} | {r['rollbacks']}"
                      f"{' (gave up)' if r['exit_code'] == 3 else ''} | {_fmt(r['accuracy_pre'])} -> "
                      f"{_fmt(r.get('accuracy_worst'))} -> {_fmt(r['accuracy_end'])} | {_fmt(r.get('restored'))} |")
+    if collapses:
+        lines += ["", f"Detected: {sum(r['delay'] is not None for r in collapses)} of {len(collapses)} collapse runs; "
+                  f"{sum(r['delay'] is not None for r in beyond_runs)} of the {len(beyond_runs)} whose signal went "
+                  "beyond every healthy run's worst over the same steps."]
     if healthy:
         judged = sum(r["judged_steps"] for r in healthy)
         alarms = sum(r["false_alarms"] for r in healthy)

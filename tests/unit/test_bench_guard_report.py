@@ -34,6 +34,9 @@ def test_report_judges_the_logs_again_with_twins_and_a_rate_sweep(tmp_path):
     rng = random.Random(0)
     healthy = [_row(step, rng) for step in range(1, 61)]
     _write(tmp_path / "healthy" / "metrics.jsonl", healthy)
+    other_rng = random.Random(2)  # a second healthy seed that drifts further, still below the collapse
+    other = [_row(step, other_rng, markup=0.05 + 0.001 * step) for step in range(1, 61)]
+    _write(tmp_path / "healthy2" / "metrics.jsonl", other)
     # A markup collapse from step 16 that the live guard rolled back at step 21 to step 15.
     collapse_rng = random.Random(1)
     before = [_row(step, collapse_rng) for step in range(1, 16)]
@@ -44,16 +47,21 @@ def test_report_judges_the_logs_again_with_twins_and_a_rate_sweep(tmp_path):
     _write(logs / "metrics_rolled_back.jsonl", undone)
     _write(logs / "guard_events.jsonl", [{"event": "rollback", "from_step": 21, "to_step": 15,
                                           "reasons": ["degenerate/markup_density ..."]}])
-    _write(tmp_path / "bench_guard.jsonl", [_record("markup", 1, logs, 40), _record("healthy", 1, tmp_path / "healthy", 60)])
+    _write(tmp_path / "bench_guard.jsonl", [_record("markup", 1, logs, 40), _record("healthy", 1, tmp_path / "healthy", 60),
+                                           _record("healthy", 2, tmp_path / "healthy2", 60)])
 
     proc = subprocess.run([sys.executable, "bench/bench_guard.py", "--report", "--out-dir", str(tmp_path),
                            "--rates", "1e-4,1e-9"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("| markup | 1 |"))
     twin_worst = max(r[MARKUP_METRIC] for r in healthy if 16 <= r["step"] <= 40)
-    assert f"-> 0.12 ({twin_worst:.2f}) | 5 (step 21) |" in line, line  # before -> worst (twin's worst)
+    other_worst = max(r[MARKUP_METRIC] for r in other if 16 <= r["step"] <= 40)
+    assert other_worst > twin_worst  # the range of every healthy run is the other seed's
+    # before -> worst (twin's worst; every healthy run's worst) | beyond that range | onset -> rollback
+    assert f"-> 0.12 ({twin_worst:.2f}; {other_worst:.2f}) | True | 5 (step 21) |" in line, line
+    assert "Detected: 1 of 1 collapse runs; 1 of the 1 whose signal went beyond" in proc.stdout
     sweep = {x.split(" | ")[0].lstrip("| "): x for x in proc.stdout.splitlines() if x.startswith(("| 0.0001 ", "| 1e-09 "))}
-    assert "| 0 of 1 | 0.0 | 1 of 1 | 5 (5) | 0 |" in sweep["0.0001"], sweep
+    assert "| 0 of 2 | 0.0 | 1 of 1 | 5 (5) | 0 |" in sweep["0.0001"], sweep
     # At 1e-9 the threshold is beyond what the undone steps showed: not caught within the steps seen.
-    assert "| 0 of 1 | -" in sweep["1e-09"], sweep
+    assert "| 0 of 2 | 0.0 | 0 of 1 | - |" in sweep["1e-09"], sweep
     assert line in (tmp_path / "bench_guard.md").read_text()
