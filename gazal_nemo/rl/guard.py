@@ -48,8 +48,8 @@ class GuardConfig:
 
     enabled: bool = True
     """Watch the run and roll back on a collapse; false behaves exactly as a run without the guard."""
-    false_alarm_rate: float = 1.0e-4
-    """Expected false rollbacks per healthy step, all rules together (1e-4: one per 10,000 steps); sets
+    false_alarm_rate: float = 1.0e-3
+    """Expected false rollbacks per healthy step, all rules together (1e-3: one per 1,000 steps); sets
     the significance rules' thresholds."""
     window: int = 5
     """Steps averaged into the window mean of each metric."""
