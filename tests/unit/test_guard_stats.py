@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gazal_nemo.rl.guard import CollapseGuard, GuardConfig
-from gazal_nemo.rl.guard_rules import GuardRule
+from gazal_nemo.rl.guard_rules import GuardRule, default_rules
 from gazal_nemo.rl.guard_stats import normal_quantile, student_t_quantile, student_t_sf, window_change
 
 
@@ -70,15 +70,25 @@ def test_the_stated_false_alarm_rate_holds_for_the_guard_on_healthy_noise():
     assert breached / judged <= 2 * rate, breached / judged
 
 
-def test_a_steady_drift_the_bad_way_never_fires_but_a_break_in_it_does():
-    # At about the default rules' share of the default rate (1e-4 over 13 rules): a ramp's t stays
-    # near 4.1 with 30 baseline steps, below the threshold (5.1 here, 5.3 by default).
-    config = GuardConfig(false_alarm_rate=1e-5, rules=[GuardRule(metric="len", bad="down")])
-    guard, rng = CollapseGuard(config, config.rules), random.Random(1)
-    for step in range(300):  # falls from 500 to 200 tokens, a 60% fall over the run
-        assert not guard.observe({"len": 500 - step + rng.gauss(0, 3)}).fire, step
-    fired = [guard.observe({"len": 150 + rng.gauss(0, 3)}).fire for _ in range(5)]
-    assert any(fired)
+def test_a_steady_drift_the_bad_way_is_held_by_the_floor_and_a_break_in_it_fires():
+    """An RL run drifts; the significance test judges noise, not drift: over 300 steps of a steady
+    fall some window passes it (the test alone fires on most seeds), and the rule's floor (the
+    default length rule's 0.85x) is what holds the drift. A break in it passes both."""
+    def ramp_fires(rule, seed):
+        # About the default rules' share of the default rate (1e-3 over 11 rules).
+        config = GuardConfig(false_alarm_rate=1e-4, rules=[rule])
+        guard, rng = CollapseGuard(config, config.rules), random.Random(seed)
+        fired = any([guard.observe({"len": 500 - step + rng.gauss(0, 3)}).fire for step in range(300)])
+        return fired, any([guard.observe({"len": 150 + rng.gauss(0, 3)}).fire for _ in range(5)])
+
+    floored = next(r for r in default_rules() if r.metric == "completion_len_mean" and r.bad == "down")
+    floored = GuardRule(metric="len", bad="down", ratio=floored.ratio)
+    assert floored.ratio == 0.85
+    for seed in range(5):  # falls from 500 to 200 tokens, a 60% fall over the run
+        on_ramp, on_break = ramp_fires(floored, seed)
+        assert not on_ramp and on_break, seed
+    bare = GuardRule(metric="len", bad="down")
+    assert sum(ramp_fires(bare, seed)[0] for seed in range(5)) >= 3
 
 
 @pytest.mark.parametrize("healthy, collapsed", [(0.38, 0.25), (0.8, 0.65)])
