@@ -114,7 +114,8 @@ class GuardRule:
 def default_rules() -> list[GuardRule]:
     """What is watched unless the recipe says otherwise. The floors are the smallest changes worth
     a rollback, for metrics whose healthy noise can be near zero (a model that never truncates makes
-    one truncated completion "significant"); docs/GRPO.md says why each is what it is.
+    one truncated completion "significant"), and what holds a healthy run's drift (the rate bounds
+    noise only); docs/GRPO.md says why each is what it is.
     answers/same_answer_groups and degenerate/duplicate_completions are logged but not watched:
     healthy sharpening moves them as fast as a collapse does (0.2 -> 0.6 in two steps of a healthy
     tiny run, accuracy rising)."""
