@@ -117,8 +117,9 @@ def default_rules() -> list[GuardRule]:
     one truncated completion "significant"), and what holds a healthy run's drift (the rate bounds
     noise only); docs/GRPO.md says why each is what it is.
     answers/same_answer_groups and degenerate/duplicate_completions are logged but not watched:
-    healthy sharpening moves them as fast as a collapse does (0.2 -> 0.6 in two steps of a healthy
-    tiny run, accuracy rising)."""
+    healthy sharpening moves them as fast as a collapse does (same-answer groups 0.2 -> 0.6 in two
+    steps of a healthy tiny run, accuracy rising; duplicates up to 0.61 by step 40 on the guard
+    benchmark's healthy runs, as high as its entropy-collapse runs)."""
     return [
         GuardRule(metric="reward/accuracy", bad="down", trials=COMPLETIONS),
         GuardRule(metric="reward/format", bad="down", trials=COMPLETIONS),

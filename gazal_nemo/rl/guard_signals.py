@@ -102,9 +102,10 @@ def rollout_signals(texts: Sequence[str], prompts: Sequence, *, accuracy: Sequen
     }
     same = duplicates = 0
     for g in range(len(prompts)):
-        group = answers[g * num_generations:(g + 1) * num_generations]
+        span = slice(g * num_generations, (g + 1) * num_generations)
+        group = answers[span]
         same += group[0] is not None and all(a == group[0] for a in group)
-        duplicates += duplicate_count(texts[g * num_generations:(g + 1) * num_generations])
+        duplicates += duplicate_count(texts[span])
     out[SAME_ANSWER_METRIC] = (float(same), float(len(prompts)))
     out[DUPLICATE_METRIC] = (float(duplicates), float(n))
     for letter in letters:
